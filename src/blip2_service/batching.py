@@ -1,0 +1,113 @@
+"""The micro-batcher: one thread that owns the model and feeds it batches.
+
+Requests from every source land in one queue; the thread takes the first,
+waits at most `max_wait` for more (up to `max_size`), and processes them in
+one call. Waiting a few milliseconds costs one request little and lets a
+burst share a forward pass, which is where the throughput comes from.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class _Item(Generic[T, R]):
+    payload: T
+    future: Future[R] = field(default_factory=Future)
+
+
+_STOP = object()
+
+
+class MicroBatcher(Generic[T, R]):
+    """Collects items into batches for `process`, which returns one result or exception per item."""
+
+    def __init__(
+        self,
+        process: Callable[[Sequence[T]], Sequence[R | BaseException]],
+        *,
+        max_size: int,
+        max_wait_s: float,
+        name: str = "inference",
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self._process = process
+        self.max_size = max_size
+        self.max_wait_s = max_wait_s
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._on_batch = on_batch
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def put(self, payload: T) -> Future[R]:
+        item: _Item[T, R] = _Item(payload)
+        self._queue.put(item)
+        return item.future
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish everything already queued, then end the thread."""
+        if self._started:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch: list[_Item[T, R]] = [first]  # type: ignore[list-item]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_size:
+                remaining = deadline - time.monotonic()
+                try:
+                    nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                batch.append(nxt)  # type: ignore[arg-type]
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Item[T, R]]) -> None:
+        started = time.perf_counter()
+        try:
+            results = self._process([item.payload for item in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"batch of {len(batch)} produced {len(results)} results")
+        except BaseException as exc:  # the thread must survive any batch
+            log.exception("batch of %d failed", len(batch))
+            for item in batch:
+                item.future.set_exception(exc)
+            return
+        finally:
+            if self._on_batch is not None:
+                self._on_batch(len(batch), time.perf_counter() - started)
+        for item, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)

@@ -1,0 +1,138 @@
+"""Turn a batch of preprocessed images into captions with as few `generate` calls as possible.
+
+Pixel preprocessing (`preprocess`) is separate from `caption_batch` so the
+pipeline can run it on worker threads, overlapped with the model, and the
+inference thread only stacks tensors and generates.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+
+from ..domain import GenerationSettings
+from .loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class Captioner:
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self._model = loaded.model
+        self._processor = loaded.processor
+        self._tokenizer = loaded.processor.tokenizer
+        self._image_processor = loaded.processor.image_processor
+        self._is_decoder_only = loaded.kind == "blip2" and not loaded.model.config.is_encoder_decoder
+        self._generation_config = loaded.model.generation_config
+        self._image_token_ids: list[int] = []
+        if loaded.kind == "blip2":
+            self._image_token_ids = [loaded.model.config.image_token_index] * int(loaded.model.config.num_query_tokens)
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    def preprocess(self, image: Image.Image) -> Any:
+        """Resize and normalise one image to a float32 CHW tensor (thread-safe, no model state)."""
+        out = self._image_processor(images=[image], return_tensors="pt")
+        return out["pixel_values"][0]
+
+    def caption_batch(self, pixels: Sequence[Any], settings: Sequence[GenerationSettings]) -> list[list[str]]:
+        """Captions for each input (a list of `num_captions` texts), in input order.
+
+        Inputs that can share a `generate` call are grouped; on a CUDA
+        out-of-memory error a group is split in halves and retried, so a large
+        batch degrades to smaller ones instead of failing every request in it.
+        """
+        groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for index, item in enumerate(settings):
+            groups[self._group_key(item)].append(index)
+        results: list[list[str]] = [[] for _ in pixels]
+        for indexes in groups.values():
+            texts = self._generate_splitting([pixels[i] for i in indexes], [settings[i] for i in indexes])
+            for i, captions in zip(indexes, texts, strict=True):
+                results[i] = captions
+        return results
+
+    def _group_key(self, item: GenerationSettings) -> tuple[Any, ...]:
+        # BLIP rewrites the first prompt token in place, so it cannot mix prompts in one call.
+        prompt_key: Any = item.prompt if self.loaded.kind == "blip" else bool(item.prompt)
+        return (item.num_beams, item.max_new_tokens, item.min_new_tokens, item.num_captions, prompt_key)
+
+    def _generate_splitting(self, pixels: list[Any], settings: list[GenerationSettings]) -> list[list[str]]:
+        import torch
+
+        try:
+            return self._generate(pixels, settings)
+        except torch.OutOfMemoryError:
+            if len(pixels) == 1:
+                raise
+            if self.loaded.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(pixels) // 2
+            log.warning("out of memory at batch %d; retrying as %d + %d", len(pixels), half, len(pixels) - half)
+            return self._generate_splitting(pixels[:half], settings[:half]) + self._generate_splitting(
+                pixels[half:], settings[half:]
+            )
+
+    def _generate(self, pixels: list[Any], settings: list[GenerationSettings]) -> list[list[str]]:
+        import torch
+
+        first = settings[0]
+        device = self.loaded.device
+        pixel_values = torch.stack(pixels)
+        if device.type == "cuda":
+            pixel_values = pixel_values.pin_memory()
+        pixel_values = pixel_values.to(device, dtype=self.loaded.dtype, non_blocking=True)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": first.max_new_tokens,
+            "min_new_tokens": first.min_new_tokens,
+        }
+        if first.sampled:
+            kwargs.update(do_sample=True, top_p=0.9, num_beams=1, num_return_sequences=first.num_captions)
+        else:
+            kwargs.update(do_sample=False, num_beams=first.num_beams)
+        inputs: dict[str, Any] = {"pixel_values": pixel_values}
+        prompts = [item.prompt or "" for item in settings]
+        if any(prompts):
+            inputs.update(self._encode_prompts(prompts, device))
+        with torch.inference_mode():
+            # BLIP-2 hands generation to its language model, whose own generation config
+            # would otherwise replace the checkpoint's (suppressed tokens, special ids).
+            config = copy.deepcopy(self._generation_config)
+            config.update(**kwargs)
+            output = self._model.generate(**inputs, generation_config=config)
+        if self._is_decoder_only:
+            prompt_len = inputs["input_ids"].shape[1] if "input_ids" in inputs else len(self._image_token_ids) + 1
+            output = output[:, prompt_len:]
+        texts = [t.strip() for t in self._tokenizer.batch_decode(output, skip_special_tokens=True)]
+        if self.loaded.kind == "blip" and first.prompt:
+            texts = [_strip_prefix(t, first.prompt) for t in texts]
+        n = first.num_captions if first.sampled else 1
+        return [texts[i * n : (i + 1) * n] for i in range(len(pixels))]
+
+    def _encode_prompts(self, prompts: list[str], device: Any) -> dict[str, Any]:
+        """Tokenise prompts the way `Blip2Processor` does: query-token placeholders, then left-padded text."""
+        import torch
+
+        encoded = self._tokenizer(prompts, padding=True, return_tensors="pt")
+        input_ids = encoded["input_ids"]
+        attention = encoded["attention_mask"]
+        if self._image_token_ids:
+            n = len(self._image_token_ids)
+            image_ids = torch.tensor([self._image_token_ids], dtype=input_ids.dtype).repeat(len(prompts), 1)
+            input_ids = torch.cat([image_ids, input_ids], dim=1)
+            attention = torch.cat([torch.ones(len(prompts), n, dtype=attention.dtype), attention], dim=1)
+        return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+
+
+def _strip_prefix(text: str, prompt: str) -> str:
+    if text.lower().startswith(prompt.strip().lower()):
+        return text[len(prompt.strip()) :].strip()
+    return text

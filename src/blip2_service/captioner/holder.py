@@ -1,0 +1,56 @@
+"""Loads the model in the background so the service answers /health while weights load (or fail)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Literal
+
+from .generate import Captioner
+from .loading import LoadedModel, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+Status = Literal["loading", "loaded", "failed"]
+
+
+class ModelHolder:
+    def __init__(self, loader: Callable[[], LoadedModel]) -> None:
+        self._loader = loader
+        self._ready = threading.Event()
+        self.status: Status = "loading"
+        self.error: str | None = None
+        self.captioner: Captioner | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
+        self._thread.start()
+
+    def load_now(self) -> Captioner:
+        """Load on the calling thread (CLI commands that need the model before anything else)."""
+        self._load()
+        if self.captioner is None:
+            raise ModelLoadError(self.error or "model failed to load")
+        return self.captioner
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once loaded; False when loading failed or the timeout passed."""
+        self._ready.wait(timeout)
+        return self.status == "loaded"
+
+    def _load(self) -> None:
+        try:
+            self.captioner = Captioner(self._loader())
+            self.status = "loaded"
+        except ModelLoadError as exc:
+            self.error = str(exc)
+            self.status = "failed"
+            log.error("model failed to load: %s", exc)
+        except Exception as exc:  # a bug or a broken checkpoint: still report it on /health
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.status = "failed"
+            log.exception("model failed to load")
+        finally:
+            self._ready.set()

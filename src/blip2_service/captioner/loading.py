@@ -1,0 +1,195 @@
+"""Find, load and place the model: hub id, cache, local folder, LAVIS alias or a random build."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# LAVIS (the legacy service's loader) names and their Hugging Face twins.
+LAVIS_ALIASES: dict[str, str] = {
+    "blip2_opt:pretrain_opt2.7b": "Salesforce/blip2-opt-2.7b",
+    "blip2_opt:caption_coco_opt2.7b": "Salesforce/blip2-opt-2.7b-coco",
+    "blip2_opt:pretrain_opt6.7b": "Salesforce/blip2-opt-6.7b",
+    "blip2_opt:caption_coco_opt6.7b": "Salesforce/blip2-opt-6.7b-coco",
+    "blip2_t5:pretrain_flant5xl": "Salesforce/blip2-flan-t5-xl",
+    "blip2_t5:pretrain_flant5xxl": "Salesforce/blip2-flan-t5-xxl",
+    "blip2_t5:caption_coco_flant5xl": "Salesforce/blip2-flan-t5-xl-coco",
+    "blip_caption:large_coco": "Salesforce/blip-image-captioning-large",
+    "blip_caption:base_coco": "Salesforce/blip-image-captioning-base",
+}
+
+RANDOM_MODELS = ("tiny-random", "full-random")
+
+
+class ModelLoadError(Exception):
+    """The model cannot be loaded; the message tells the user where we looked and what to do."""
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    name: str
+    kind: str  # "blip2" or "blip"
+    model: Any
+    processor: Any
+    device: Any
+    dtype: Any
+
+    @property
+    def framework(self) -> str:
+        if self.kind == "blip":
+            return "BLIP (Bootstrapping Language-Image Pre-training)"
+        return "BLIP2 (Bootstrapping Language-Image Pre-training v2)"
+
+
+def resolve_model_id(model: str) -> str:
+    return LAVIS_ALIASES.get(model, model)
+
+
+def pick_device(device: str) -> Any:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda:0")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"DEVICE={device} but CUDA is not available to this torch build "
+            f"({torch.__version__}); install the CUDA build of torch (README, 'GPU') or set DEVICE=cpu"
+        )
+    return torch.device(device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: there bf16 matmuls run 1.6-5x faster than float32; elsewhere slower."""
+    import torch
+
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None:
+            try:
+                if check():
+                    return True
+            except RuntimeError:
+                pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_dtype(dtype: str, device: Any) -> Any:
+    import torch
+
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(
+    model: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    model_dir: Path | None = None,
+    data_dir: Path = Path("./data"),
+    allow_download: bool = True,
+) -> LoadedModel:
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    source = resolve_model_id(model)
+    location: str | Path = source
+    if source in RANDOM_MODELS:
+        from .tiny import build_full_random, build_tiny_random
+
+        build = build_tiny_random if source == "tiny-random" else build_full_random
+        location = build(data_dir / "models" / source)
+    elif Path(source).expanduser().is_dir():
+        location = Path(source).expanduser()
+
+    cache_dir = str(model_dir) if model_dir else None
+    local_only = not allow_download or os.environ.get("HF_HUB_OFFLINE") == "1"
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    common: dict[str, Any] = {"cache_dir": cache_dir, "local_files_only": local_only}
+    try:
+        config = AutoConfig.from_pretrained(location, **common)
+        kind = _kind_of(config.model_type, source)
+        if kind == "blip2":
+            from transformers import Blip2ForConditionalGeneration as model_class
+        else:
+            from transformers import BlipForConditionalGeneration as model_class  # type: ignore[assignment]
+        processor = AutoProcessor.from_pretrained(location, backend="pil", **common)
+        net = model_class.from_pretrained(location, dtype=torch_dtype, **common)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_not_found_message(model, source, model_dir, local_only, exc)) from exc
+
+    if kind == "blip2":
+        _check_blip2(net, processor, model)
+    net.to(torch_device)
+    net.eval()
+    processor.tokenizer.padding_side = "left"
+    log.info("model %s loaded on %s as %s", model, torch_device, str(torch_dtype).removeprefix("torch."))
+    return LoadedModel(model, kind, net, processor, torch_device, torch_dtype)
+
+
+def _kind_of(model_type: str, source: str) -> str:
+    if model_type == "blip-2":
+        return "blip2"
+    if model_type == "blip":
+        return "blip"
+    raise ModelLoadError(
+        f"MODEL={source} is a {model_type!r} model; this service runs BLIP-2 (blip-2) and BLIP (blip) captioning models"
+    )
+
+
+def _check_blip2(net: Any, processor: Any, model: str) -> None:
+    """Refuse checkpoints that would silently caption without the image (transformers 5.x traps)."""
+    config = net.config
+    if getattr(config, "image_token_index", None) is None:
+        raise ModelLoadError(
+            f"MODEL={model}: config.json has no image_token_index; re-save the checkpoint with a "
+            "current transformers (the processor adds an <image> token)"
+        )
+    if getattr(processor, "num_query_tokens", None) != config.num_query_tokens:
+        raise ModelLoadError(
+            f"MODEL={model}: processor num_query_tokens={getattr(processor, 'num_query_tokens', None)} "
+            f"but the model uses {config.num_query_tokens}; without it the processor drops the image. "
+            "Add num_query_tokens to processor_config.json"
+        )
+
+
+def _not_found_message(model: str, source: str, model_dir: Path | None, local_only: bool, exc: Exception) -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    cache = str(model_dir) if model_dir else HF_HUB_CACHE
+    tried = f"MODEL={model}"
+    if source != model:
+        tried += f" (Hugging Face {source})"
+    how = (
+        "downloads are off (MODEL_DOWNLOAD=false or HF_HUB_OFFLINE=1)"
+        if local_only
+        else "and it could not be downloaded from the Hugging Face hub"
+    )
+    return (
+        f"Cannot load {tried}: not a local folder, not in the cache {cache}, {how}. "
+        "Fix: download it once where there is network (`huggingface-cli download "
+        f"{source}`) and set MODEL_DIR to that cache, or set MODEL to a folder holding "
+        "config.json and the weights, or allow network access and MODEL_DOWNLOAD=true. "
+        f"Detail: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    )

@@ -1,0 +1,251 @@
+"""Build small random BLIP-2 checkpoints offline, saved and reloaded like real ones.
+
+`tiny-random` lets tests and `make run` exercise the real model code
+(`Blip2ForConditionalGeneration`, `Blip2Processor`, `generate`) where no
+weights can be downloaded. `full-random` is BLIP-2 OPT-2.7b's published
+shape with random weights, for honest speed measurements.
+
+The known transformers 5.x traps are handled here and asserted at load:
+the processor must know `num_query_tokens` (else it silently drops the
+image), the config must carry `image_token_index`, and padding is on the left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# COCO-style captions: the tokenizer learns whole caption words from them, and
+# generation is restricted to those word pieces so random captions read as
+# (meaningless) words instead of stray bytes.
+_CORPUS = """
+a man riding a wave on top of a surfboard
+a dog running on the beach with a frisbee
+a plate of food with broccoli and rice
+two people playing frisbee in a park
+a cat sitting on a couch next to a laptop
+a red double decker bus driving down a street
+a giraffe standing next to a tree in a field
+a woman holding an umbrella in the rain
+a pizza with cheese and tomatoes on a table
+a group of people standing around a kitchen
+a train traveling down the tracks near a station
+a bowl of fruit with bananas and apples
+an elephant walking through the tall grass
+a little girl eating a slice of cake
+a man flying a kite on a sunny day
+a herd of sheep grazing on a green hill
+a horse pulling a cart down a dirt road
+a baseball player swinging a bat at a ball
+a bathroom with a toilet and a sink
+a teddy bear sitting on a bed
+a clock tower in the middle of a city
+a boat floating on a lake near mountains
+a skier going down a snowy slope
+a person riding a motorcycle on the road
+a bird perched on a branch of a tree
+a cup of coffee and a donut on a plate
+a stop sign on the corner of a street
+an airplane flying in the blue sky
+a zebra and a cow in a grassy field
+a vase of flowers on a wooden table
+a young boy holding a tennis racket
+a bear walking in the snow
+a hot dog with mustard on a bun
+a couple of children playing soccer
+a laptop computer and a keyboard on a desk
+a pair of scissors and a book
+""".strip().splitlines()
+
+_SPECIALS = ["<pad>", "</s>", "<unk>"]
+
+
+def _publish_dir(staging: Path, path: Path, marker_name: str, info: dict[str, Any]) -> Path:
+    """Move a finished build into place atomically: a crash or a concurrent builder never
+    leaves a half-written checkpoint where `from_pretrained` would find it."""
+    (staging / marker_name).write_text(json.dumps(info))
+    try:
+        os.replace(staging, path)
+    except OSError:
+        if not (path / marker_name).exists():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished first
+    return path
+
+
+def _staging(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+
+
+def build_tiny_random(path: Path, *, seed: int = 0, image_size: int = 64, num_query_tokens: int = 8) -> Path:
+    """Create the tiny checkpoint in `path` (idempotent: an existing build is reused)."""
+    marker = path / "tiny-random.json"
+    if marker.exists():
+        return path
+    if path.exists():
+        shutil.rmtree(path)  # an unfinished build from an older version
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1200, special_tokens=_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    bos = tok.token_to_id("</s>")
+    # OPT prepends </s> as BOS; do the same so prompted and unprompted inputs line up.
+    tok.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", bos)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
+    vocab_size = len(tokenizer)
+    image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+
+    config = Blip2Config(
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": 16,
+        },
+        qformer_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": 128,
+        },
+        text_config={
+            "model_type": "opt",
+            "vocab_size": vocab_size,
+            "hidden_size": 64,
+            "ffn_dim": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 256,
+            "word_embed_proj_dim": 64,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": bos,
+            "eos_token_id": bos,
+        },
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token_index,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config)
+    with torch.no_grad():
+        # Default init is near zero: every image would give the same caption. A visible
+        # scale makes the caption depend on the pixels, which tests rely on.
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.4)
+    suppress = _non_word_tokens(tokenizer, keep={bos})
+    model.generation_config.suppress_tokens = suppress
+    model.generation_config.begin_suppress_tokens = [bos]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = bos
+    model.generation_config.eos_token_id = bos
+
+    staging = _staging(path)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    return _publish_dir(staging, path, marker.name, {"kind": "tiny-random", "seed": seed})
+
+
+def _non_word_tokens(tokenizer: Any, keep: set[int]) -> list[int]:
+    """Ids of every token but " word" for the corpus' words: random weights then write
+    word salad from caption vocabulary ("dog beach umbrella") instead of stray bytes."""
+    words = {w for line in _CORPUS for w in line.split()}
+    suppressed = []
+    for token_id in range(len(tokenizer)):
+        if token_id in keep:
+            continue
+        text = tokenizer.decode([token_id])
+        if not (text.startswith(" ") and text.strip() in words):
+            suppressed.append(token_id)
+    return suppressed
+
+
+def build_full_random(path: Path, *, seed: int = 0) -> Path:
+    """BLIP-2 OPT-2.7b's published architecture with random weights (about 3.9 B parameters).
+
+    Only for benchmarks: same shapes and FLOPs as the real checkpoint, no download.
+    The tokenizer is the tiny one: vocabulary size only changes the last matmul.
+    """
+    marker = path / "full-random.json"
+    if marker.exists():
+        return path
+    if path.exists():
+        shutil.rmtree(path)
+    import torch
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+
+    tiny_dir = build_tiny_random(path.parent / "tiny-random")
+    processor = Blip2Processor.from_pretrained(tiny_dir)
+    processor.num_query_tokens = 32
+    processor.image_processor.size = {"height": 224, "width": 224}
+    tokenizer = processor.tokenizer
+    config = Blip2Config(
+        vision_config={
+            "hidden_size": 1408,
+            "intermediate_size": 6144,
+            "num_hidden_layers": 39,
+            "num_attention_heads": 16,
+            "image_size": 224,
+            "patch_size": 14,
+            "qkv_bias": True,
+        },
+        qformer_config={"vocab_size": 30522, "encoder_hidden_size": 1408},
+        text_config={
+            "model_type": "opt",
+            "vocab_size": 50272,
+            "hidden_size": 2560,
+            "ffn_dim": 10240,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "max_position_embeddings": 2048,
+            "word_embed_proj_dim": 2560,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        num_query_tokens=32,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Blip2ForConditionalGeneration(config)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02)
+    staging = _staging(path)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    return _publish_dir(staging, path, marker.name, {"kind": "full-random", "seed": seed})

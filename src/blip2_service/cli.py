@@ -1,0 +1,245 @@
+"""The `blip2-service` command. Configuration comes from the environment (and .env), as in CONTRACT §5."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, Settings, load_settings
+from .logs import setup_logging
+
+log = logging.getLogger("blip2_service")
+
+_EPILOG = "Settings are read from environment variables and ./.env; see the README's Configuration table."
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blip2-service",
+        description="Caption images with BLIP-2 / BLIP and map caption words to emojis.",
+        epilog=_EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser(
+        "serve",
+        help="HTTP API on PORT, plus the folder watcher (WATCH_DIRS) and queue consumer (BROKER_URL) when set",
+        epilog=_EPILOG,
+    )
+    watch = sub.add_parser("watch", help="watch folders and caption what arrives (no HTTP)", epilog=_EPILOG)
+    watch.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
+    sub.add_parser("consume", help="consume the RabbitMQ queue at BROKER_URL (no HTTP)", epilog=_EPILOG)
+    caption = sub.add_parser(
+        "caption", help="caption files or folders now; prints one JSON line per image", epilog=_EPILOG
+    )
+    caption.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    caption.add_argument("--prompt", default=None, help="text prompt / question for BLIP-2")
+    caption.add_argument("--no-store", action="store_true", help="do not read or write the store")
+    caption.add_argument("--refresh", action="store_true", help="caption again even when stored")
+    publish = sub.add_parser("publish", help="send images to the queue as requests", epilog=_EPILOG)
+    publish.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    publish.add_argument("--embed", action="store_true", help="send the bytes (image_b64) instead of paths")
+    publish.add_argument("--wait", action="store_true", help="wait for the results and print them as JSON lines")
+    publish.add_argument("--prompt", default=None, help="text prompt for every request")
+    publish.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for results with --wait")
+    db = sub.add_parser("db", help="database maintenance", epilog=_EPILOG)
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_sub.add_parser("upgrade", help="create or migrate the schema at DATABASE_URL")
+    emoji = sub.add_parser("emoji", help="show the emoji mapping of words or a caption", epilog=_EPILOG)
+    emoji.add_argument("words", nargs="+", metavar="WORDS")
+    emoji.add_argument("--json", action="store_true", help="print the JSON emoji_mappings")
+    return parser
+
+
+def iter_images(paths: Sequence[Path]) -> Iterator[Path]:
+    """Files as given; folders walked recursively for image suffixes, in a stable order."""
+    from .imaging import IMAGE_SUFFIXES
+
+    for path in paths:
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES and not child.name.startswith("."):
+                    yield child
+        else:
+            yield path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"blip2-service: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_format)
+    command: str = args.command
+    handlers = {
+        "serve": _serve,
+        "watch": _watch,
+        "consume": _consume,
+        "caption": _caption,
+        "publish": _publish,
+        "db": _db,
+        "emoji": _emoji,
+    }
+    try:
+        return handlers[command](settings, args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(settings: Settings, _args: argparse.Namespace) -> int:
+    from .runtime import Runtime
+
+    asyncio.run(Runtime(settings).serve())
+    return 0
+
+
+def _watch(settings: Settings, args: argparse.Namespace) -> int:
+    from .runtime import Runtime
+
+    settings = settings.model_copy(update={"watch_dirs": [d.resolve() for d in args.dirs]})
+    for folder in settings.watch_dirs:
+        if not folder.is_dir():
+            print(f"blip2-service: {folder} is not a folder", file=sys.stderr)
+            return 2
+    return Runtime(settings).run_headless(watch=True, consume=False)
+
+
+def _consume(settings: Settings, _args: argparse.Namespace) -> int:
+    from .runtime import Runtime
+
+    if not settings.broker_url:
+        print(
+            "blip2-service: consume needs BROKER_URL, e.g. amqp://guest:guest@localhost:5672//",
+            file=sys.stderr,
+        )
+        return 2
+    return Runtime(settings).run_headless(watch=False, consume=True)
+
+
+def _caption(settings: Settings, args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from .domain import CaptionRequest, CaptionResult, GenerationSettings, Source
+    from .localfiles import read_file
+    from .runtime import Runtime
+
+    files = list(iter_images(args.paths))
+    if not files:
+        print("blip2-service: no images found in the given paths", file=sys.stderr)
+        return 1
+    runtime = Runtime(settings)
+    runtime.start(background_model=False)
+    defaults = GenerationSettings(settings.num_beams, settings.max_new_tokens, settings.min_new_tokens)
+    generation = dataclasses.replace(defaults, prompt=args.prompt or None)
+    failures = 0
+    pending: list[tuple[Path, Any]] = []
+
+    def emit(path: Path, result: CaptionResult | BaseException) -> None:
+        nonlocal failures
+        line: dict[str, Any] = {"path": str(path)}
+        if isinstance(result, BaseException):
+            failures += 1
+            line.update(status="failed", error=str(result))
+        else:
+            failures += 0 if result.ok else 1
+            line.update(
+                status=result.status,
+                text=result.text,
+                emoji_mappings=[m.as_dict() for m in result.predictions[0].emoji_mappings] if result.ok else [],
+                record_id=result.record_id,
+                image_sha256=result.image_sha256,
+                cached=result.cached,
+                error=result.error,
+            )
+        print(json.dumps(line, ensure_ascii=False), flush=True)
+
+    try:
+        with tqdm(total=len(files), unit="img", file=sys.stderr, disable=None) as bar:
+            for path in files:
+                try:
+                    data, stat = read_file(path.resolve(), settings.max_file_size)
+                except Exception as exc:
+                    emit(path, exc)
+                    bar.update()
+                    continue
+                request = CaptionRequest(
+                    Source.CLI,
+                    str(path.resolve()),
+                    data,
+                    generation,
+                    store=not args.no_store,
+                    refresh=args.refresh,
+                    file_size=stat.st_size,
+                    file_mtime=stat.st_mtime,
+                )
+                future = runtime.pipeline.submit(request, wait=True)
+                future.add_done_callback(lambda _f: bar.update())
+                pending.append((path, future))
+                # Print in input order as results complete, keeping the pipeline full.
+                while pending and pending[0][1].done():
+                    done_path, done = pending.pop(0)
+                    emit(done_path, done.exception() or done.result())
+            for done_path, done in pending:
+                exc = done.exception()
+                emit(done_path, exc if exc is not None else done.result())
+    finally:
+        runtime.stop()
+    return 1 if failures else 0
+
+
+def _publish(settings: Settings, args: argparse.Namespace) -> int:
+    from .publisher import publish_paths
+
+    if not settings.broker_url:
+        print(
+            "blip2-service: publish needs BROKER_URL, e.g. amqp://guest:guest@localhost:5672//",
+            file=sys.stderr,
+        )
+        return 2
+    return publish_paths(
+        settings,
+        list(iter_images(args.paths)),
+        embed=args.embed,
+        wait=args.wait,
+        prompt=args.prompt,
+        timeout=args.timeout,
+    )
+
+
+def _db(settings: Settings, _args: argparse.Namespace) -> int:
+    from .store import make_engine, upgrade
+    from .store.migrate import current_revision
+
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    print(f"database at revision {current_revision(engine)}")
+    return 0
+
+
+def _emoji(settings: Settings, args: argparse.Namespace) -> int:
+    from .emoji import build_mapper
+
+    mapper = build_mapper(settings)
+    mappings = mapper.map(" ".join(args.words))
+    if args.json:
+        print(json.dumps([m.as_dict() for m in mappings], ensure_ascii=False))
+    else:
+        for m in mappings:
+            print(f"{m.emoji}\t{m.word}")
+        if not mappings:
+            print("(no emoji for these words)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The vocabulary every door shares: requests, results and the two kinds of failure.
+
+Adapters translate their world into a `CaptionRequest` and a `CaptionResult`
+back; the failure type decides what they do next: a `PermanentError` is
+stored and reported, a `TransientError` is retried and never loses input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+
+class Source(StrEnum):
+    HTTP = "http"
+    WATCH = "watch"
+    QUEUE = "queue"
+    CLI = "cli"
+
+
+class CaptionError(Exception):
+    """Base of every failure a user can cause or meet; `status` is the HTTP status it maps to."""
+
+    status = 500
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class PermanentError(CaptionError):
+    """Retrying cannot help (bad image, missing file, refused URL): store it as failed."""
+
+    status = 400
+
+
+class TransientError(CaptionError):
+    """A passing failure (store or broker down, overloaded): retry later, keep the input."""
+
+    status = 503
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float = 5.0) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class Overloaded(TransientError):
+    """The pipeline's bounded queue is full: back-pressure, not a failure of the input."""
+
+
+class ModelNotReady(TransientError):
+    """The model is still loading, or failed to load."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationSettings:
+    """What, besides the image and the model, decides the caption; part of the idempotency key."""
+
+    num_beams: int = 5
+    max_new_tokens: int = 30
+    min_new_tokens: int = 1
+    prompt: str | None = None
+    num_captions: int = 1
+
+    @property
+    def sampled(self) -> bool:
+        # Several alternatives only make sense sampled; beams would return near-duplicates.
+        return self.num_captions > 1
+
+    def key(self) -> str:
+        """A short stable digest: equal settings give equal keys across processes and hosts."""
+        payload = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "num_beams": self.num_beams,
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+            "prompt": self.prompt or "",
+            "num_captions": self.num_captions,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class EmojiMapping:
+    emoji: str
+    word: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"emoji": self.emoji, "word": self.word}
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    text: str
+    emoji_mappings: tuple[EmojiMapping, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "emoji_mappings": [m.as_dict() for m in self.emoji_mappings]}
+
+
+@dataclass(slots=True)
+class CaptionRequest:
+    """One image to caption, whichever door it came through.
+
+    `data` holds the raw bytes: every adapter reads the file, the upload, the
+    URL or the message body itself, so the pipeline sees one kind of input.
+    """
+
+    source: Source
+    source_ref: str
+    data: bytes
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    store: bool = True
+    refresh: bool = False
+    # Watcher bookkeeping: lets a restart recognise a file without re-hashing it.
+    file_size: int | None = None
+    file_mtime: float | None = None
+
+
+@dataclass(slots=True)
+class CaptionResult:
+    status: Literal["succeeded", "failed"]
+    model: str
+    predictions: list[Prediction]
+    processing_time: float
+    image_sha256: str | None = None
+    record_id: int | None = None
+    cached: bool = False
+    error: str | None = None
+    error_status: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+    @property
+    def text(self) -> str:
+        return self.predictions[0].text if self.predictions else ""

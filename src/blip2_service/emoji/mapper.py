@@ -1,0 +1,110 @@
+"""Caption words to emojis: longest multi-word match first, then the word as written, then its lemmas.
+
+Captions are short ("a man riding a wave on top of a surfboard"), so a
+greedy left-to-right scan over a dict is both the simplest and the fastest
+matcher: a handful of dict look-ups per word.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
+
+from ..domain import EmojiMapping
+
+_WORD_RE = re.compile(r"[a-z0-9]+(?:['’-][a-z0-9]+)*")
+_VARIATION_SELECTOR = "\ufe0f"
+
+
+def _lemmas_default(word: str) -> tuple[str, ...]:
+    """Noun lemma, then verb lemma (lemminflect ships its data; no download)."""
+    from lemminflect import getLemma
+
+    out: list[str] = []
+    for upos in ("NOUN", "VERB"):
+        for lemma in getLemma(word, upos=upos, lemmatize_oov=True):
+            lemma = lemma.lower()
+            if lemma != word and lemma not in out:
+                out.append(lemma)
+    return tuple(out)
+
+
+class EmojiMapper:
+    """Maps a caption to `EmojiMapping`s in caption order, each word once."""
+
+    def __init__(
+        self,
+        table: Mapping[str, str],
+        stopwords: Iterable[str] = (),
+        *,
+        lemmatizer: Callable[[str], tuple[str, ...]] = _lemmas_default,
+    ) -> None:
+        self._table = {self.normalise_key(k): v for k, v in table.items()}
+        self._stop = frozenset(self.normalise_key(w) for w in stopwords)
+        self._max_words = max((k.count("_") + 1 for k in self._table), default=1)
+        self._lemmas = lru_cache(maxsize=65536)(lemmatizer)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    @staticmethod
+    def normalise_key(key: str) -> str:
+        return "_".join(_WORD_RE.findall(key.lower().replace("’", "'")))
+
+    def tokens(self, text: str) -> list[str]:
+        return _WORD_RE.findall(text.lower().replace(_VARIATION_SELECTOR, "").replace("’", "'"))
+
+    def lookup(self, word: str) -> str | None:
+        """The emoji for one word or `_`-joined phrase, trying lemmas; None when stoplisted or unknown."""
+        tokens = self.tokens(word.replace("_", " "))
+        hit = self._match(tokens) if tokens else None
+        return hit[0] if hit else None
+
+    def map(self, text: str) -> list[EmojiMapping]:
+        tokens = self.tokens(text)
+        out: list[EmojiMapping] = []
+        seen_words: set[str] = set()
+        last_emoji: str | None = None
+        i = 0
+        while i < len(tokens):
+            matched = False
+            for size in range(min(self._max_words, len(tokens) - i), 0, -1):
+                span = tokens[i : i + size]
+                hit = self._match(span)
+                if hit is None:
+                    continue
+                emoji, key = hit
+                # A phrase is named by its table entry ("teddy bears" -> teddy_bear); a single
+                # word as the caption wrote it ("flowers"), as the old service did.
+                word = key if size > 1 else span[0]
+                # Each word once; and "a dog and a puppy" should not show 🐶🐶.
+                if word not in seen_words and emoji != last_emoji:
+                    out.append(EmojiMapping(emoji=emoji, word=word))
+                    seen_words.add(word)
+                    last_emoji = emoji
+                i += size
+                matched = True
+                break
+            if not matched:
+                i += 1
+        return out
+
+    def _match(self, span: list[str]) -> tuple[str, str] | None:
+        """(emoji, table key) for a span of tokens, or None."""
+        written = "_".join(span)
+        if written in self._stop:
+            return None
+        hit = self._table.get(written)
+        if hit is not None:
+            return hit, written
+        # Inflections live on the last word of a phrase: "teddy bears" -> "teddy_bear".
+        head = span[:-1]
+        for lemma in self._lemmas(span[-1]):
+            key = "_".join([*head, lemma])
+            if key in self._stop:
+                return None
+            hit = self._table.get(key)
+            if hit is not None:
+                return hit, key
+        return None

@@ -1,0 +1,164 @@
+"""The aiohttp application: routes plus the middlewares every route shares."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+
+from aiohttp import web
+
+from .. import __version__
+from . import legacy, results
+from .context import CONTEXT, HttpContext
+from .openapi import openapi_document
+from .responses import error_response, json_response
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_OPEN_PATHS = frozenset({"/health", "/metrics", "/", "/openapi.json"})
+_ANALYZE_PREFIXES = ("/analyze", "/v3/analyze", "/v2/analyze")
+
+
+def _is_analyze(path: str) -> bool:
+    return path.startswith(_ANALYZE_PREFIXES)
+
+
+def _problem(request: web.Request, status: int, message: str) -> web.Response:
+    if _is_analyze(request.path):
+        return error_response(status, message)
+    return json_response({"error": {"message": message}}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as JSON with a message that says what to do; 500 only for bugs."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        messages = {
+            404: f"No route {request.path}; see /openapi.json for the routes",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: "The request body is over the size limit (MAX_FILE_SIZE)",
+        }
+        return _problem(request, exc.status, messages.get(exc.status, exc.reason))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _problem(request, 500, "Internal error (a bug): the log has the details")
+
+
+def cors_middleware(origins: list[str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    allow_all = "*" in origins
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        allowed = origin is not None and (allow_all or origin in origins)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            response: web.StreamResponse = web.Response(status=204)
+        else:
+            response = await handler(request)
+        if allowed:
+            response.headers["Access-Control-Allow-Origin"] = "*" if allow_all else origin  # type: ignore[assignment]
+            if not allow_all:
+                response.headers["Vary"] = "Origin"
+            if request.method == "OPTIONS":
+                response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+                response.headers["Access-Control-Allow-Headers"] = "Authorization, X-API-Key, Content-Type"
+                response.headers["Access-Control-Max-Age"] = "600"
+        return response
+
+    return middleware
+
+
+def auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    expected = api_key.encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "OPTIONS" or request.path in _OPEN_PATHS:
+            return await handler(request)
+        given = request.headers.get("X-API-Key", "")
+        auth = request.headers.get("Authorization", "")
+        if not given and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not given:
+            return _problem(request, 401, "Missing API key: send Authorization: Bearer <key> or X-API-Key: <key>")
+        if not hmac.compare_digest(given.encode(), expected):
+            return _problem(request, 401, "Wrong API key: check the API_KEY the service was started with")
+        return await handler(request)
+
+    return middleware
+
+
+def metrics_middleware(ctx: HttpContext) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        ctx.metrics.http_requests.labels(name, str(response.status)).inc()
+        return response
+
+    return middleware
+
+
+async def health(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    holder = ctx.holder
+    body: dict[str, object] = {
+        "status": "healthy" if holder.status == "loaded" else "unhealthy",
+        "model_status": holder.status,
+        "device": str(holder.captioner.loaded.device) if holder.captioner else ctx.settings.device,
+        "model": ctx.settings.model,
+        "version": __version__,
+        "pending": ctx.pipeline.pending,
+    }
+    if holder.captioner is not None:
+        body["dtype"] = str(holder.captioner.loaded.dtype).removeprefix("torch.")
+    if holder.error:
+        body["error"] = holder.error
+    body.update(ctx.health_extras())
+    return json_response(body, status=200 if holder.status == "loaded" else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    return web.Response(body=ctx.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document(__version__))
+
+
+async def index(request: web.Request) -> web.Response:
+    html = resources.files("blip2_service.http_api").joinpath("static/index.html").read_text("utf-8")
+    return web.Response(text=html, content_type="text/html", charset="utf-8")
+
+
+def make_app(ctx: HttpContext) -> web.Application:
+    middlewares = [errors_middleware, cors_middleware(ctx.settings.cors_origins), metrics_middleware(ctx)]
+    if ctx.settings.api_key:
+        middlewares.append(auth_middleware(ctx.settings.api_key))
+    # Bodies are streamed with our own cap; this only bounds what aiohttp itself buffers.
+    app = web.Application(middlewares=middlewares, client_max_size=ctx.settings.max_file_size + 1_048_576)
+    app[CONTEXT] = ctx
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/", index)
+    legacy.add_routes(app)
+    results.add_routes(app)
+
+    async def close_fetcher(_app: web.Application) -> None:
+        await ctx.fetcher.close()
+
+    app.on_cleanup.append(close_fetcher)
+    return app
+
+
+__all__ = ["make_app"]

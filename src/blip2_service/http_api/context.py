@@ -1,0 +1,41 @@
+"""What the HTTP handlers need, built by runtime.py and stored on the app (no module globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ..captioner.holder import ModelHolder
+from ..config import Settings
+from ..domain import GenerationSettings
+from ..emoji.mapper import EmojiMapper
+from ..metrics import Metrics
+from ..pipeline import CaptionPipeline
+from ..store.repository import CaptionRepository
+from .fetch import UrlFetcher
+
+
+@dataclass
+class HttpContext:
+    settings: Settings
+    pipeline: CaptionPipeline
+    holder: ModelHolder
+    store: CaptionRepository | None
+    fetcher: UrlFetcher
+    metrics: Metrics
+    mapper: EmojiMapper
+    file_roots: list[Path]
+    health_extras: Callable[[], dict[str, Any]] = field(default=lambda: {})
+
+    def default_generation(self) -> GenerationSettings:
+        s = self.settings
+        return GenerationSettings(
+            num_beams=s.num_beams, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens
+        )
+
+
+CONTEXT = web.AppKey("blip2_context", HttpContext)

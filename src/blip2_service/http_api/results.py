@@ -1,0 +1,144 @@
+"""Stored results: /captions (filters, search, keyset paging), /captions/{id}, /images/{sha256}."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from datetime import datetime
+from functools import partial
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from ..domain import Source, TransientError
+from ..store.repository import CaptionFilter, CaptionRepository, decode_cursor
+from .context import CONTEXT
+from .responses import json_response
+
+T = TypeVar("T")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_STATUSES = ("succeeded", "failed")
+
+
+def _problem(status: int, message: str, retry_after: float | None = None) -> web.Response:
+    response = json_response({"error": {"message": message}}, status=status)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, round(retry_after)))
+    return response
+
+
+async def _in_executor(fn: Callable[[], T]) -> T:
+    return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+
+def _store(request: web.Request) -> CaptionRepository:
+    store = request.app[CONTEXT].store
+    if store is None:
+        raise web.HTTPNotFound(text="no store configured")
+    return store
+
+
+def _parse_time(name: str, raw: str | None) -> datetime | None:
+    if not raw:
+        return None
+    try:
+        return datetime.fromisoformat(raw.replace("Z", "+00:00").replace(" ", "+"))
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an ISO 8601 time such as 2026-11-27T10:00:00Z") from None
+
+
+def parse_filters(query: Any) -> tuple[CaptionFilter, int, str | None]:
+    """Validate /captions parameters; ValueError carries the message for a 400."""
+    source = query.get("source") or None
+    if source is not None and source not in {s.value for s in Source}:
+        raise ValueError(f"source={source!r} is not one of http, watch, queue, cli")
+    status = query.get("status") or None
+    if status is not None and status not in _STATUSES:
+        raise ValueError(f"status={status!r} is not one of succeeded, failed")
+    raw_limit = query.get("limit") or "50"
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        raise ValueError(f"limit={raw_limit!r} is not a whole number from 1 to 500") from None
+    if not 1 <= limit <= 500:
+        raise ValueError(f"limit={limit} is out of range; use 1 to 500")
+    cursor = query.get("cursor") or None
+    if cursor is not None:
+        try:
+            decode_cursor(cursor)
+        except Exception:
+            raise ValueError("cursor is not valid; pass the next_cursor of a previous page unchanged") from None
+    since = _parse_time("since", query.get("since"))
+    until = _parse_time("until", query.get("until"))
+    flt = CaptionFilter(
+        q=(query.get("q") or "").strip() or None,
+        source=source,
+        model=query.get("model") or None,
+        status=status,
+        path=query.get("path") or None,
+        since=since,
+        until=until,
+    )
+    return flt, limit, cursor
+
+
+async def list_captions(request: web.Request) -> web.Response:
+    try:
+        flt, limit, cursor = parse_filters(request.query)
+    except ValueError as exc:
+        return _problem(400, str(exc))
+    store = _store(request)
+    try:
+        items, next_cursor = await _in_executor(partial(store.query, flt, limit=limit, cursor=cursor))
+    except TransientError as exc:
+        return _problem(503, exc.message, exc.retry_after)
+    return json_response({"items": items, "next_cursor": next_cursor})
+
+
+async def get_caption(request: web.Request) -> web.Response:
+    raw = request.match_info["id"]
+    if not raw.isdigit():
+        return _problem(400, f"caption id {raw!r} is not a number")
+    store = _store(request)
+    try:
+        item = await _in_executor(partial(store.get, int(raw)))
+    except TransientError as exc:
+        return _problem(503, exc.message, exc.retry_after)
+    if item is None:
+        return _problem(404, f"No caption with id {raw}")
+    return json_response(item)
+
+
+async def get_image(request: web.Request) -> web.Response:
+    sha = request.match_info["sha256"].lower()
+    if not _SHA_RE.match(sha):
+        return _problem(400, "An image is named by the 64 hex digits of its sha256")
+    store = _store(request)
+    try:
+        info = await _in_executor(partial(store.image, sha))
+    except TransientError as exc:
+        return _problem(503, exc.message, exc.retry_after)
+    if info is None:
+        return _problem(404, f"No image with sha256 {sha}")
+    return json_response(info)
+
+
+async def get_thumbnail(request: web.Request) -> web.Response:
+    sha = request.match_info["sha256"].lower()
+    if not _SHA_RE.match(sha):
+        return _problem(400, "An image is named by the 64 hex digits of its sha256")
+    store = _store(request)
+    data = await _in_executor(partial(store.thumbnail, sha))
+    if data is None:
+        return _problem(404, f"No thumbnail for {sha}")
+    return web.Response(
+        body=data, content_type="image/jpeg", headers={"Cache-Control": "public, max-age=31536000, immutable"}
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/captions", list_captions)
+    app.router.add_get("/captions/{id}", get_caption)
+    app.router.add_get("/images/{sha256}", get_image)
+    app.router.add_get("/images/{sha256}/thumbnail", get_thumbnail)

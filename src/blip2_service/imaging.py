@@ -1,0 +1,125 @@
+"""Bytes in, a validated RGB image and its sha256 out. Pure: no I/O, no globals.
+
+Limits are checked in the cheapest order (byte length, then the header's
+pixel count, then the full decode) so a decompression bomb is refused before
+it costs memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .domain import PermanentError
+
+# The formats BLIP/BLIP-2 users send; MPO is what many cameras call their JPEGs.
+SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".mpo"})
+
+
+class ImageTooLarge(PermanentError):
+    status = 413
+
+
+class UnsupportedImage(PermanentError):
+    status = 415
+
+
+class UndecodableImage(PermanentError):
+    status = 422
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedImage:
+    image: Image.Image
+    sha256: str
+    width: int
+    height: int
+    format: str
+    byte_size: int
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_size(byte_size: int, max_file_size: int) -> None:
+    if byte_size > max_file_size:
+        raise ImageTooLarge(
+            f"Image is {byte_size} bytes, over the limit of {max_file_size} bytes (MAX_FILE_SIZE); "
+            "send a smaller or recompressed image"
+        )
+
+
+def decode_image(data: bytes, *, max_file_size: int, max_image_pixels: int) -> DecodedImage:
+    """Validate and decode; raise ImageTooLarge (413), UnsupportedImage (415) or UndecodableImage (422)."""
+    if not data:
+        raise UnsupportedImage("The image is empty (0 bytes); send the image file's contents")
+    check_size(len(data), max_file_size)
+    digest = sha256_of(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnsupportedImage(
+            f"Not a supported image: send PNG, JPEG, GIF, BMP, WebP or TIFF (the first bytes were {data[:8]!r})"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"Image has too many pixels: {exc}") from None
+    except Exception as exc:  # Pillow raises many types for truncated headers
+        raise UndecodableImage(f"The image header cannot be read: {exc}") from None
+
+    fmt = (opened.format or "").upper()
+    if fmt not in SUPPORTED_FORMATS:
+        raise UnsupportedImage(f"Unsupported image format {fmt or 'unknown'}: send PNG, JPEG, GIF, BMP, WebP or TIFF")
+    width, height = opened.size
+    if width * height > max_image_pixels:
+        raise ImageTooLarge(
+            f"Image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_image_pixels} (MAX_IMAGE_PIXELS); send a smaller image"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened.seek(0)  # first frame of a GIF / multi-page TIFF
+            opened.load()
+            rgb = to_rgb(ImageOps.exif_transpose(opened) or opened)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"Image has too many pixels: {exc}") from None
+    except Exception as exc:
+        raise UndecodableImage(f"The {fmt} image cannot be decoded (truncated or corrupt?): {exc}") from None
+    return DecodedImage(rgb, digest, rgb.width, rgb.height, fmt, len(data))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Flatten transparency onto white and bring every mode (CMYK, 16-bit, palette) to 8-bit RGB."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale the real range into 8 bits instead of clipping to white.
+        extrema = image.getextrema()
+        low, high = extrema if isinstance(extrema[0], int | float) else (0, 65535)  # type: ignore[misc]
+        span = max(float(high) - float(low), 1.0)
+        image = image.point(lambda v: (v - low) * 255.0 / span).convert("L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def make_thumbnail(image: Image.Image, size: int = 256) -> bytes:
+    """A small JPEG for the web page; stored once per image so the page never reads originals."""
+    thumb = image.copy()
+    thumb.thumbnail((size, size))
+    out = io.BytesIO()
+    thumb.save(out, format="JPEG", quality=80)
+    return out.getvalue()

@@ -1,0 +1,361 @@
+"""CaptionPipeline.submit(request) -> Future[CaptionResult]: the only way anything gets captioned.
+
+Stages, each on its own threads so none blocks another:
+  prepare (worker pool)   decode + hash + cache look-up + pixel preprocessing
+  infer   (one thread)    micro-batched `generate`
+  finish  (worker pool)   emoji mapping + store commit, then the future resolves
+
+Identical work is done once: the store answers repeats, and an image already
+in flight with the same settings is joined rather than captioned twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .batching import MicroBatcher
+from .captioner.generate import Captioner
+from .captioner.holder import ModelHolder
+from .domain import (
+    CaptionError,
+    CaptionRequest,
+    CaptionResult,
+    GenerationSettings,
+    ModelNotReady,
+    Overloaded,
+    PermanentError,
+    Prediction,
+    TransientError,
+)
+from .emoji.mapper import EmojiMapper
+from .imaging import DecodedImage, decode_image, make_thumbnail, sha256_of
+from .metrics import Metrics
+from .store.repository import CaptionRepository, ImageInfo, NewCaption, Sighting
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineLimits:
+    max_file_size: int = 33_554_432
+    max_image_pixels: int = 89_478_485
+    batch_max_size: int = 16
+    batch_max_wait_s: float = 0.010
+    max_pending: int = 256
+    prepare_workers: int = 2
+    finish_workers: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    pixels: Any
+    settings: GenerationSettings
+
+
+class CaptionPipeline:
+    def __init__(
+        self,
+        *,
+        holder: ModelHolder,
+        mapper: EmojiMapper,
+        store: CaptionRepository | None,
+        limits: PipelineLimits,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.holder = holder
+        self.mapper = mapper
+        self.store = store
+        self.limits = limits
+        self.metrics = metrics or Metrics()
+        self._slots = threading.BoundedSemaphore(limits.max_pending)
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._idle = threading.Condition(self._pending_lock)
+        self._inflight: dict[tuple[str, str], Future[list[str]]] = {}
+        self._inflight_lock = threading.Lock()
+        self._prepare = ThreadPoolExecutor(limits.prepare_workers, thread_name_prefix="prepare")
+        self._finish = ThreadPoolExecutor(limits.finish_workers, thread_name_prefix="finish")
+        self._batcher: MicroBatcher[_Job, list[str]] = MicroBatcher(
+            self._infer,
+            max_size=limits.batch_max_size,
+            max_wait_s=limits.batch_max_wait_s,
+            on_batch=self.metrics.observe_batch,
+        )
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._batcher.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Refuse new work, finish everything accepted, then stop the threads."""
+        self._closed = True
+        self.drain(timeout)
+        self._batcher.stop(timeout)
+        self._prepare.shutdown(wait=True)
+        self._finish.shutdown(wait=True)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    @property
+    def model_name(self) -> str:
+        return self.holder.captioner.name if self.holder.captioner else ""
+
+    @property
+    def framework(self) -> str:
+        if self.holder.captioner is not None:
+            return self.holder.captioner.loaded.framework
+        return "BLIP2 (Bootstrapping Language-Image Pre-training v2)"
+
+    # -- submit ---------------------------------------------------------------------------
+
+    def submit(
+        self, request: CaptionRequest, *, wait: bool = False, timeout: float | None = None
+    ) -> Future[CaptionResult]:
+        """Accept one image. Raises `ModelNotReady` or `Overloaded` (both transient) without
+        accepting it; once this returns, the future always resolves: to a result (succeeded or
+        failed) or to an exception that is a `TransientError` (retry) or a bug.
+
+        `wait=True` blocks for a free slot instead of raising `Overloaded` (watcher, CLI).
+        """
+        if self._closed:
+            raise Overloaded("The service is shutting down; retry on another instance", retry_after=5)
+        captioner = self.holder.captioner
+        if captioner is None:
+            if self.holder.status == "failed":
+                raise ModelNotReady(f"The model failed to load: {self.holder.error}", retry_after=60)
+            raise ModelNotReady("The model is still loading; retry in a few seconds", retry_after=10)
+        if not self._slots.acquire(blocking=wait, timeout=timeout if wait else None):
+            raise Overloaded(
+                f"The service is overloaded ({self.limits.max_pending} images pending); retry shortly",
+                retry_after=1,
+            )
+        with self._pending_lock:
+            self._pending += 1
+            self.metrics.pending.set(self._pending)
+        outer: Future[CaptionResult] = Future()
+        outer.add_done_callback(self._release)
+        started = time.perf_counter()
+        self._prepare.submit(self._guard, outer, self._prepare_stage, request, captioner, outer, started)
+        return outer
+
+    def caption(self, request: CaptionRequest, timeout: float | None = None) -> CaptionResult:
+        """Blocking convenience for threads (CLI, watcher)."""
+        return self.submit(request, wait=True).result(timeout)
+
+    def _release(self, _future: Future[CaptionResult]) -> None:
+        self._slots.release()
+        with self._idle:
+            self._pending -= 1
+            self.metrics.pending.set(self._pending)
+            if self._pending == 0:
+                self._idle.notify_all()
+
+    @staticmethod
+    def _guard(outer: Future[CaptionResult], fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:
+            if not outer.done():
+                outer.set_exception(exc)
+            if not isinstance(exc, CaptionError):
+                log.exception("pipeline stage failed")
+
+    # -- stages ---------------------------------------------------------------------------
+
+    def _prepare_stage(
+        self, request: CaptionRequest, captioner: Captioner, outer: Future[CaptionResult], started: float
+    ) -> None:
+        model = captioner.name
+        try:
+            decoded = decode_image(
+                request.data,
+                max_file_size=self.limits.max_file_size,
+                max_image_pixels=self.limits.max_image_pixels,
+            )
+        except PermanentError as exc:
+            self._fail(request, model, exc, outer, started)
+            return
+        info = ImageInfo(decoded.sha256, decoded.byte_size, decoded.width, decoded.height, decoded.format)
+        use_store = self.store is not None and request.store
+        if use_store and not request.refresh:
+            assert self.store is not None
+            stored = self.store.find_caption(decoded.sha256, model, request.settings)
+            if stored is not None and stored["status"] == "succeeded":
+                self.store.record_sighting(info, _sighting(request))
+                self.metrics.cache_hits.labels(request.source.value).inc()
+                outer.set_result(self._from_item(stored, started, cached=True))
+                return
+
+        key = (decoded.sha256, request.settings.key())
+        generation, leader = self._join_or_lead(key)
+        if leader:
+            try:
+                pixels = captioner.preprocess(decoded.image)
+            except Exception as exc:
+                generation.set_exception(exc)
+            else:
+                inner = self._batcher.put(_Job(pixels, request.settings))
+                inner.add_done_callback(lambda f: _chain(f, generation))
+        generation.add_done_callback(
+            lambda f: self._finish.submit(
+                self._guard, outer, self._finish_stage, f, request, decoded, model, outer, started
+            )
+        )
+
+    def _join_or_lead(self, key: tuple[str, str]) -> tuple[Future[list[str]], bool]:
+        with self._inflight_lock:
+            existing = self._inflight.get(key)
+            if existing is not None:
+                return existing, False
+            future: Future[list[str]] = Future()
+            self._inflight[key] = future
+
+        def forget(_f: Future[list[str]]) -> None:
+            with self._inflight_lock:
+                self._inflight.pop(key, None)
+
+        future.add_done_callback(forget)
+        return future, True
+
+    def _infer(self, jobs: Sequence[_Job]) -> Sequence[list[str] | BaseException]:
+        captioner = self.holder.captioner
+        assert captioner is not None
+        return captioner.caption_batch([j.pixels for j in jobs], [j.settings for j in jobs])
+
+    def _finish_stage(
+        self,
+        generation: Future[list[str]],
+        request: CaptionRequest,
+        decoded: DecodedImage,
+        model: str,
+        outer: Future[CaptionResult],
+        started: float,
+    ) -> None:
+        exc = generation.exception()
+        if exc is not None:
+            log.error("captioning %s failed: %s", request.source_ref, exc)
+            raise CaptionError(f"Captioning failed inside the model: {exc}", status=500) from exc
+        texts = generation.result()
+        predictions = [Prediction(t, tuple(self.mapper.map(t))) for t in texts]
+        elapsed = time.perf_counter() - started
+        result = CaptionResult(
+            status="succeeded",
+            model=model,
+            predictions=predictions,
+            processing_time=elapsed,
+            image_sha256=decoded.sha256,
+        )
+        if self.store is not None and request.store:
+            image = ImageInfo(
+                decoded.sha256,
+                decoded.byte_size,
+                decoded.width,
+                decoded.height,
+                decoded.format,
+                make_thumbnail(decoded.image),
+            )
+            item, created = self.store.save(
+                NewCaption(
+                    image=image,
+                    sighting=_sighting(request),
+                    model=model,
+                    settings=request.settings,
+                    status="succeeded",
+                    texts=texts,
+                    emoji_mappings=[m.as_dict() for p in predictions[:1] for m in p.emoji_mappings],
+                    error=None,
+                    processing_time=elapsed,
+                ),
+                replace=request.refresh,
+            )
+            result.record_id = item["id"]
+            if not created and not request.refresh and item["status"] == "succeeded":
+                # Another worker stored it first: answer with what is stored, so every
+                # caller sees the same caption for the same key.
+                result = self._from_item(item, started, cached=True)
+        self._observe(request, result, started)
+        outer.set_result(result)
+
+    def _fail(
+        self,
+        request: CaptionRequest,
+        model: str,
+        exc: PermanentError,
+        outer: Future[CaptionResult],
+        started: float,
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        sha = sha256_of(request.data) if request.data else None
+        result = CaptionResult(
+            status="failed",
+            model=model,
+            predictions=[],
+            processing_time=elapsed,
+            image_sha256=sha,
+            error=exc.message,
+            error_status=exc.status,
+        )
+        if sha is not None and self.store is not None and request.store:
+            item, _ = self.store.save(
+                NewCaption(
+                    image=ImageInfo(sha, len(request.data)),
+                    sighting=_sighting(request),
+                    model=model,
+                    settings=request.settings,
+                    status="failed",
+                    texts=[],
+                    emoji_mappings=[],
+                    error=exc.message,
+                    processing_time=elapsed,
+                )
+            )
+            result.record_id = item["id"]
+        self._observe(request, result, started)
+        outer.set_result(result)
+
+    def _from_item(self, item: dict[str, Any], started: float, *, cached: bool) -> CaptionResult:
+        texts = item["texts"] or [item["text"]]
+        predictions = [Prediction(t, tuple(self.mapper.map(t))) for t in texts]
+        return CaptionResult(
+            status=item["status"],
+            model=item["model"],
+            predictions=predictions,
+            processing_time=time.perf_counter() - started,
+            image_sha256=item["image_sha256"],
+            record_id=item["id"],
+            cached=cached,
+            error=item["error"],
+        )
+
+    def _observe(self, request: CaptionRequest, result: CaptionResult, started: float) -> None:
+        self.metrics.captions.labels(request.source.value, result.status).inc()
+        self.metrics.request_seconds.labels(request.source.value).observe(time.perf_counter() - started)
+
+
+def _sighting(request: CaptionRequest) -> Sighting:
+    return Sighting(request.source.value, request.source_ref, request.file_size, request.file_mtime)
+
+
+def _chain(source: Future[list[str]], target: Future[list[str]]) -> None:
+    exc = source.exception()
+    if exc is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
+
+
+__all__ = ["CaptionPipeline", "PipelineLimits", "TransientError"]

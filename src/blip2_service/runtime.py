@@ -1,0 +1,178 @@
+"""Wiring: build every object from Settings, start what is configured, stop it all in order.
+
+This is the only place that knows which adapters exist; adapters and the core
+receive what they need as arguments (no module globals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from functools import partial
+from typing import Any
+
+from aiohttp import web
+
+from .captioner.holder import ModelHolder
+from .captioner.loading import load_model, resolve_model_id
+from .config import Settings
+from .emoji import build_mapper
+from .http_api.app import make_app
+from .http_api.context import HttpContext
+from .http_api.fetch import UrlFetcher
+from .metrics import Metrics
+from .pipeline import CaptionPipeline, PipelineLimits
+from .store import CaptionRepository, make_engine, upgrade
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine = make_engine(settings.database_url)
+        self.store = CaptionRepository(self.engine)
+        self.mapper = build_mapper(settings)
+        self.holder = ModelHolder(
+            partial(
+                load_model,
+                resolve_model_id(settings.model),
+                device=settings.device,
+                dtype=settings.dtype,
+                model_dir=settings.model_dir,
+                data_dir=settings.data_dir,
+                allow_download=settings.model_download,
+            )
+        )
+        self.pipeline = CaptionPipeline(
+            holder=self.holder,
+            mapper=self.mapper,
+            store=self.store,
+            limits=PipelineLimits(
+                max_file_size=settings.max_file_size,
+                max_image_pixels=settings.max_image_pixels,
+                batch_max_size=settings.batch_max_size,
+                batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
+                max_pending=settings.max_pending,
+            ),
+            metrics=self.metrics,
+        )
+        self.adapters: list[Any] = []
+        self._started = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self, *, background_model: bool = True) -> None:
+        """Migrate the store, start the inference thread and load the model."""
+        if self._started:
+            return
+        self._started = True
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
+        upgrade(self.engine)
+        self.pipeline.start()
+        if background_model:
+            self.holder.start()
+        else:
+            self.holder.load_now()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        for adapter in reversed(self.adapters):
+            try:
+                adapter.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(adapter).__name__)
+        self.adapters.clear()
+        self.pipeline.stop(timeout)
+        self.engine.dispose()
+
+    def health_extras(self) -> dict[str, Any]:
+        sources: dict[str, Any] = {"http": {"state": "running"}}
+        for adapter in self.adapters:
+            sources[adapter.name] = adapter.health()
+        return {"sources": sources, "store": self.engine.dialect.name, "emoji_words": len(self.mapper)}
+
+    def http_context(self) -> HttpContext:
+        s = self.settings
+        return HttpContext(
+            settings=s,
+            pipeline=self.pipeline,
+            holder=self.holder,
+            store=self.store,
+            fetcher=UrlFetcher(timeout=s.url_timeout, max_bytes=s.max_file_size, allow_private=s.allow_private_urls),
+            metrics=self.metrics,
+            mapper=self.mapper,
+            file_roots=s.allowed_file_roots,
+            health_extras=self.health_extras,
+        )
+
+    def make_app(self) -> web.Application:
+        return make_app(self.http_context())
+
+    # -- adapters -------------------------------------------------------------------------
+
+    def start_adapters(self, *, watch: bool, consume: bool) -> None:
+        """Start the watcher and/or consumer once the model is ready (they feed it without pause)."""
+        if watch and self.settings.watch_dirs:
+            from .watcher import FolderWatcher
+
+            watcher = FolderWatcher.from_settings(self.settings, self.pipeline, self.store, self.metrics)
+            self.adapters.append(watcher)
+            watcher.start()
+        if consume and self.settings.broker_url:
+            from .consumer import QueueConsumer
+
+            consumer = QueueConsumer.from_settings(self.settings, self.pipeline, self.store, self.metrics)
+            self.adapters.append(consumer)
+            consumer.start()
+
+    def _start_adapters_when_ready(self, *, watch: bool, consume: bool) -> None:
+        def run() -> None:
+            if self.holder.wait():
+                self.start_adapters(watch=watch, consume=consume)
+            else:
+                log.error("not starting watcher/consumer: the model did not load")
+
+        threading.Thread(target=run, name="adapter-starter", daemon=True).start()
+
+    def run_headless(self, *, watch: bool, consume: bool) -> int:
+        """`watch` / `consume` commands: adapters without HTTP, until SIGINT/SIGTERM, then drain."""
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda _s, _f: stop.set())
+        self.start(background_model=False)
+        self.start_adapters(watch=watch, consume=consume)
+        if not self.adapters:
+            log.error("nothing to run: set WATCH_DIRS or BROKER_URL")
+            self.stop()
+            return 2
+        stop.wait()
+        log.info("stopping: finishing accepted work")
+        self.stop()
+        return 0
+
+    # -- serve ----------------------------------------------------------------------------
+
+    async def serve(self, *, watch: bool = True, consume: bool = True) -> None:
+        """Run the HTTP API (and configured adapters) until SIGINT/SIGTERM, then drain."""
+        self.start()
+        runner = web.AppRunner(self.make_app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.host, self.settings.port)
+        await site.start()
+        log.info("listening on http://%s:%d", self.settings.host, self.settings.port)
+        self._start_adapters_when_ready(watch=watch, consume=consume)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: finishing accepted work")
+        await loop.run_in_executor(None, self.stop)
+        await runner.cleanup()
+        log.info("stopped")

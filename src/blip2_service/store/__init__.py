@@ -1,0 +1,27 @@
+"""Persistence: SQLAlchemy tables, the repository, and Alembic migrations (SQLite and Postgres)."""
+
+from .engine import make_engine
+from .migrate import upgrade
+from .repository import (
+    CaptionFilter,
+    CaptionRepository,
+    ImageInfo,
+    NewCaption,
+    RetryPolicy,
+    Sighting,
+    decode_cursor,
+    encode_cursor,
+)
+
+__all__ = [
+    "CaptionFilter",
+    "CaptionRepository",
+    "ImageInfo",
+    "NewCaption",
+    "RetryPolicy",
+    "Sighting",
+    "decode_cursor",
+    "encode_cursor",
+    "make_engine",
+    "upgrade",
+]

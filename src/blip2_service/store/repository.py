@@ -1,0 +1,451 @@
+"""Everything the service asks of its database, behind one class, the same on SQLite and Postgres.
+
+Writes are idempotent (insert-or-ignore on the natural keys), so any number
+of processes may save the same image at once and exactly one caption row
+results. Connection failures are retried with backoff and then surface as
+`TransientError`, which callers treat as "try again later", never "lost".
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, and_, exists, func, literal_column, select, text, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ..domain import GenerationSettings, TransientError
+from .tables import captions, images, sightings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_SEARCH_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    sha256: str
+    byte_size: int
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    thumbnail: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    source: str
+    source_ref: str
+    file_size: int | None = None
+    file_mtime: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewCaption:
+    image: ImageInfo
+    sighting: Sighting
+    model: str
+    settings: GenerationSettings
+    status: str
+    texts: list[str]
+    emoji_mappings: list[dict[str, str]]
+    error: str | None
+    processing_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class CaptionFilter:
+    q: str | None = None
+    source: str | None = None
+    model: str | None = None
+    status: str | None = None
+    path: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+@dataclass(slots=True)
+class RetryPolicy:
+    attempts: int = 5
+    first_delay: float = 0.2
+    max_delay: float = 3.0
+    sleep: Callable[[float], None] = field(default=time.sleep)
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"id:{last_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """Raises ValueError for anything we did not hand out."""
+    padded = cursor + "=" * (-len(cursor) % 4)
+    raw = base64.urlsafe_b64decode(padded.encode()).decode()
+    if not raw.startswith("id:"):
+        raise ValueError("not a cursor")
+    return int(raw[3:])
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class CaptionRepository:
+    def __init__(self, engine: Engine, retry: RetryPolicy | None = None) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self.retry = retry or RetryPolicy()
+        self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _retrying(self, what: str, fn: Callable[[], T]) -> T:
+        delay = self.retry.first_delay
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                return fn()
+            except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+                if attempt == self.retry.attempts:
+                    raise TransientError(
+                        f"The store is unavailable ({what}): {str(exc.orig).strip().splitlines()[0]}",
+                        retry_after=5,
+                    ) from exc
+                log.warning("store %s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, exc.orig)
+                self.retry.sleep(delay)
+                delay = min(delay * 2, self.retry.max_delay)
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(select(1))
+            return True
+        except sa_exc.SQLAlchemyError:
+            return False
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def save(self, new: NewCaption, *, replace: bool = False) -> tuple[dict[str, Any], bool]:
+        """Store a caption (or return the one already there) and record the sighting, atomically.
+
+        Returns the stored item and whether this call created it. A stored
+        `failed` caption is replaced by a later success for the same key, and
+        `replace=True` (an explicit refresh) replaces whatever is stored.
+        """
+        return self._retrying("save", lambda: self._save(new, replace))
+
+    def _save(self, new: NewCaption, replace: bool) -> tuple[dict[str, Any], bool]:
+        now = _now()
+        key = new.settings.key()
+        values = {
+            "image_sha256": new.image.sha256,
+            "model": new.model,
+            "settings_key": key,
+            "settings": new.settings.as_dict(),
+            "status": new.status,
+            "text": new.texts[0] if new.texts else "",
+            "texts": new.texts,
+            "emoji_mappings": new.emoji_mappings,
+            "emoji_words": " ".join(m["word"].replace("_", " ") for m in new.emoji_mappings),
+            "error": new.error,
+            "processing_time": round(new.processing_time, 3),
+            "source": new.sighting.source,
+            "source_ref": new.sighting.source_ref,
+            "created_at": now,
+        }
+        with self._tx() as conn:
+            self._upsert_image(conn, new.image, now)
+            self._upsert_sighting(conn, new.image.sha256, new.sighting, now)
+            inserted = conn.execute(
+                self._insert(captions).values(**values).on_conflict_do_nothing().returning(captions.c.id)
+            ).scalar_one_or_none()
+            created = inserted is not None
+            if not created:
+                row = conn.execute(
+                    select(captions.c.id, captions.c.status).where(
+                        captions.c.image_sha256 == new.image.sha256,
+                        captions.c.model == new.model,
+                        captions.c.settings_key == key,
+                    )
+                ).one()
+                inserted = row.id
+                if replace or (row.status == "failed" and new.status == "succeeded"):
+                    conn.execute(update(captions).where(captions.c.id == row.id).values(**values))
+            item = self._get(conn, int(inserted))
+        assert item is not None
+        return item, created
+
+    def _upsert_image(self, conn: Connection, image: ImageInfo, now: datetime) -> None:
+        stmt = self._insert(images).values(
+            sha256=image.sha256,
+            width=image.width,
+            height=image.height,
+            format=image.format,
+            byte_size=image.byte_size,
+            thumbnail=image.thumbnail,
+            created_at=now,
+        )
+        if image.thumbnail is not None:
+            # A failed decode left no thumbnail; a later good decode of other bytes cannot
+            # share the sha, so only fill gaps, never overwrite.
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[images.c.sha256],
+                set_={
+                    "thumbnail": stmt.excluded.thumbnail,
+                    "width": stmt.excluded.width,
+                    "height": stmt.excluded.height,
+                    "format": stmt.excluded.format,
+                },
+                where=images.c.thumbnail.is_(None),
+            )
+        else:
+            stmt = stmt.on_conflict_do_nothing()
+        conn.execute(stmt)
+
+    def _upsert_sighting(self, conn: Connection, sha: str, sighting: Sighting, now: datetime) -> None:
+        stmt = self._insert(sightings).values(
+            image_sha256=sha,
+            source=sighting.source,
+            source_ref=sighting.source_ref,
+            file_size=sighting.file_size,
+            file_mtime=sighting.file_mtime,
+            first_seen_at=now,
+            last_seen_at=now,
+            gone_at=None,
+        )
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[sightings.c.source, sightings.c.source_ref, sightings.c.image_sha256],
+                set_={
+                    "last_seen_at": stmt.excluded.last_seen_at,
+                    "file_size": stmt.excluded.file_size,
+                    "file_mtime": stmt.excluded.file_mtime,
+                    "gone_at": None,
+                },
+            )
+        )
+
+    def record_sighting(self, image: ImageInfo, sighting: Sighting) -> None:
+        def run() -> None:
+            now = _now()
+            with self._tx() as conn:
+                self._upsert_image(conn, image, now)
+                self._upsert_sighting(conn, image.sha256, sighting, now)
+
+        self._retrying("record sighting", run)
+
+    def mark_gone(self, source: str, source_ref: str) -> int:
+        def run() -> int:
+            with self._tx() as conn:
+                result = conn.execute(
+                    update(sightings)
+                    .where(
+                        sightings.c.source == source,
+                        sightings.c.source_ref == source_ref,
+                        sightings.c.gone_at.is_(None),
+                    )
+                    .values(gone_at=_now())
+                )
+                return int(result.rowcount or 0)
+
+        return self._retrying("mark gone", run)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def find_caption(self, sha: str, model: str, settings: GenerationSettings) -> dict[str, Any] | None:
+        def run() -> dict[str, Any] | None:
+            with self.engine.connect() as conn:
+                row = conn.execute(
+                    select(captions).where(
+                        captions.c.image_sha256 == sha,
+                        captions.c.model == model,
+                        captions.c.settings_key == settings.key(),
+                    )
+                ).first()
+                return _item(row._mapping) if row is not None else None
+
+        return self._retrying("find caption", run)
+
+    def known_files(self, source: str, prefix: str) -> dict[str, tuple[int | None, float | None]]:
+        """(size, mtime) of every live sighting under a folder: the watcher's catch-up skips these."""
+
+        def run() -> dict[str, tuple[int | None, float | None]]:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(sightings.c.source_ref, sightings.c.file_size, sightings.c.file_mtime).where(
+                        sightings.c.source == source,
+                        sightings.c.source_ref.startswith(prefix, autoescape=True),
+                        sightings.c.gone_at.is_(None),
+                    )
+                )
+                return {r.source_ref: (r.file_size, r.file_mtime) for r in rows}
+
+        return self._retrying("known files", run)
+
+    def get(self, caption_id: int) -> dict[str, Any] | None:
+        def run() -> dict[str, Any] | None:
+            with self.engine.connect() as conn:
+                return self._get(conn, caption_id)
+
+        return self._retrying("get caption", run)
+
+    def _get(self, conn: Connection, caption_id: int) -> dict[str, Any] | None:
+        row = conn.execute(select(captions).where(captions.c.id == caption_id)).first()
+        return _item(row._mapping) if row is not None else None
+
+    def query(
+        self, filters: CaptionFilter, *, limit: int = 50, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Newest first, keyset-paginated on id: inserts during paging never shift a page."""
+        after = decode_cursor(cursor) if cursor else None
+
+        def run() -> tuple[list[dict[str, Any]], str | None]:
+            query = select(captions).order_by(captions.c.id.desc()).limit(limit + 1)
+            conditions = self._conditions(filters)
+            if after is not None:
+                conditions.append(captions.c.id < after)
+            if conditions:
+                query = query.where(and_(*conditions))
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).fetchall()
+            items = [_item(r._mapping) for r in rows[:limit]]
+            next_cursor = encode_cursor(items[-1]["id"]) if len(rows) > limit else None
+            return items, next_cursor
+
+        return self._retrying("list captions", run)
+
+    def _conditions(self, f: CaptionFilter) -> list[Any]:
+        out: list[Any] = []
+        if f.source:
+            out.append(captions.c.source == f.source)
+        if f.model:
+            out.append(captions.c.model == f.model)
+        if f.status:
+            out.append(captions.c.status == f.status)
+        if f.since:
+            out.append(captions.c.created_at >= self._ts(f.since))
+        if f.until:
+            out.append(captions.c.created_at < self._ts(f.until))
+        if f.path:
+            out.append(
+                exists().where(
+                    sightings.c.image_sha256 == captions.c.image_sha256,
+                    sightings.c.source_ref.startswith(f.path, autoescape=True),
+                )
+            )
+        if f.q:
+            words = [w.lower() for w in _SEARCH_WORD.findall(f.q)]
+            if words:
+                out.append(self._search(words))
+        return out
+
+    def _search(self, words: list[str]) -> Any:
+        # Every word must match; the last one as a prefix, so the search box works as you type.
+        if self.dialect == "sqlite":
+            terms = [f'"{w}"' for w in words[:-1]] + [f'"{words[-1]}"*']
+            match = " ".join(terms)
+            return captions.c.id.in_(
+                select(literal_column("rowid"))
+                .select_from(text("captions_fts"))
+                .where(text("captions_fts MATCH :fts_query").bindparams(fts_query=match))
+            )
+        query = " & ".join([*words[:-1], f"{words[-1]}:*"])
+        return text("captions.search @@ to_tsquery('simple', :ts_query)").bindparams(ts_query=query)
+
+    def _ts(self, value: datetime) -> datetime:
+        value = value if value.tzinfo else value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        # SQLite keeps DateTime as text without an offset: compare in naive UTC.
+        return value.replace(tzinfo=None) if self.dialect == "sqlite" else value
+
+    def image(self, sha: str) -> dict[str, Any] | None:
+        def run() -> dict[str, Any] | None:
+            with self.engine.connect() as conn:
+                img = conn.execute(
+                    select(
+                        images.c.sha256,
+                        images.c.width,
+                        images.c.height,
+                        images.c.format,
+                        images.c.byte_size,
+                        images.c.created_at,
+                    ).where(images.c.sha256 == sha)
+                ).first()
+                if img is None:
+                    return None
+                seen = conn.execute(
+                    select(sightings).where(sightings.c.image_sha256 == sha).order_by(sightings.c.id)
+                ).fetchall()
+                caps = conn.execute(
+                    select(captions).where(captions.c.image_sha256 == sha).order_by(captions.c.id)
+                ).fetchall()
+            return {
+                "sha256": img.sha256,
+                "width": img.width,
+                "height": img.height,
+                "format": img.format,
+                "byte_size": img.byte_size,
+                "first_seen_at": _iso(img.created_at),
+                "locations": [
+                    {
+                        "source": s.source,
+                        "source_ref": s.source_ref,
+                        "first_seen_at": _iso(s.first_seen_at),
+                        "last_seen_at": _iso(s.last_seen_at),
+                        "gone_at": _iso(s.gone_at) if s.gone_at else None,
+                    }
+                    for s in seen
+                ],
+                "captions": [_item(c._mapping) for c in caps],
+            }
+
+        return self._retrying("image", run)
+
+    def thumbnail(self, sha: str) -> bytes | None:
+        def run() -> bytes | None:
+            with self.engine.connect() as conn:
+                value = conn.execute(select(images.c.thumbnail).where(images.c.sha256 == sha)).scalar()
+                return bytes(value) if value is not None else None
+
+        return self._retrying("thumbnail", run)
+
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(captions)).scalar_one())
+
+
+def _iso(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _item(row: Any) -> dict[str, Any]:
+    return {
+        "id": int(row["id"]),
+        "image_sha256": row["image_sha256"],
+        "source": row["source"],
+        "source_ref": row["source_ref"],
+        "model": row["model"],
+        "text": row["text"],
+        "texts": list(row["texts"] or []),
+        "emoji_mappings": list(row["emoji_mappings"] or []),
+        "status": row["status"],
+        "error": row["error"],
+        "processing_time": row["processing_time"],
+        "settings": dict(row["settings"] or {}),
+        "created_at": _iso(row["created_at"]),
+    }

@@ -1,0 +1,202 @@
+"""Shared fixtures: the real tiny-random model (built once a session), stores, pipelines, images.
+
+Services: Postgres and RabbitMQ tests skip with the reason when the service is
+absent, and fail instead when CI=true, so CI can never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blip2_service.captioner.holder import ModelHolder
+from blip2_service.captioner.loading import LoadedModel, load_model
+from blip2_service.config import Settings
+from blip2_service.emoji import load_bundled
+from blip2_service.emoji.mapper import EmojiMapper
+from blip2_service.metrics import Metrics
+from blip2_service.pipeline import CaptionPipeline, PipelineLimits
+from blip2_service.store import CaptionRepository, make_engine, upgrade
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def service_missing(what: str, detail: str) -> None:
+    message = f"{what} is not reachable ({detail})"
+    if IN_CI:
+        pytest.fail(f"{message}; CI=true requires it", pytrace=False)
+    pytest.skip(message)
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+# -- images ---------------------------------------------------------------------------------
+
+
+def image_bytes(seed: int, size: tuple[int, int] = (96, 72), fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+    """A distinct random picture per seed (random pixels make distinct captions on tiny-random)."""
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(array, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+@pytest.fixture
+def make_image() -> Callable[..., bytes]:
+    return image_bytes
+
+
+# -- model ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(data_dir: Path) -> LoadedModel:
+    """The real BLIP-2 code on a small random checkpoint, saved and loaded via from_pretrained."""
+    return load_model("tiny-random", data_dir=data_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def mapper() -> EmojiMapper:
+    table = load_bundled()
+    return EmojiMapper(table.table, table.stopwords)
+
+
+@pytest.fixture
+def loaded_holder(tiny_model: LoadedModel) -> ModelHolder:
+    holder = ModelHolder(lambda: tiny_model)
+    holder.load_now()
+    return holder
+
+
+# -- stores ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'blip2.db'}"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    from sqlalchemy import create_engine, text
+
+    try:
+        engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:
+        service_missing("PostgreSQL", f"{PG_ADMIN_URL}: {str(exc).splitlines()[0]}")
+    return PG_ADMIN_URL
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh database per test, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"blip2_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(pg_server).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Run a test on both engines."""
+    if request.param == "sqlite":
+        return str(request.getfixturevalue("sqlite_url"))
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[CaptionRepository]:
+    engine = make_engine(db_url)
+    upgrade(engine)
+    yield CaptionRepository(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_store(sqlite_url: str) -> Iterator[CaptionRepository]:
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    yield CaptionRepository(engine)
+    engine.dispose()
+
+
+# -- pipeline -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_pipeline(loaded_holder: ModelHolder, mapper: EmojiMapper) -> Iterator[Callable[..., CaptionPipeline]]:
+    made: list[CaptionPipeline] = []
+
+    def factory(store: CaptionRepository | None = None, **limits: Any) -> CaptionPipeline:
+        defaults: dict[str, Any] = {"batch_max_size": 8, "batch_max_wait_s": 0.02, "max_pending": 64}
+        defaults.update(limits)
+        pipeline = CaptionPipeline(
+            holder=loaded_holder,
+            mapper=mapper,
+            store=store,
+            limits=PipelineLimits(**defaults),
+            metrics=Metrics(),
+        )
+        pipeline.start()
+        made.append(pipeline)
+        return pipeline
+
+    yield factory
+    for pipeline in made:
+        pipeline.stop(timeout=30)
+
+
+@pytest.fixture
+def settings_factory(data_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
+    def factory(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "model": "tiny-random",
+            "dtype": "float32",
+            "device": "cpu",
+            "data_dir": data_dir,
+            "database_url": f"sqlite:///{tmp_path / 'svc.db'}",
+            "num_beams": 2,
+            "max_new_tokens": 8,
+            "auto_update": False,
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return factory
