@@ -190,8 +190,8 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
                     done_path, done = pending.pop(0)
                     emit(done_path, done.exception() or done.result())
             for done_path, done in pending:
-                exc = done.exception()
-                emit(done_path, exc if exc is not None else done.result())
+                error = done.exception()
+                emit(done_path, error if error is not None else done.result())
     finally:
         runtime.stop()
     return 1 if failures else 0

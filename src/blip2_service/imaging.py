@@ -103,7 +103,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: scale the real range into 8 bits instead of clipping to white.
         extrema = image.getextrema()
-        low, high = extrema if isinstance(extrema[0], int | float) else (0, 65535)  # type: ignore[misc]
+        low, high = extrema if isinstance(extrema[0], int | float) else (0, 65535)
         span = max(float(high) - float(low), 1.0)
         image = image.point(lambda v: (v - low) * 255.0 / span).convert("L")
     if image.mode == "P":

@@ -131,13 +131,7 @@ class CaptionPipeline:
 
         `wait=True` blocks for a free slot instead of raising `Overloaded` (watcher, CLI).
         """
-        if self._closed:
-            raise Overloaded("The service is shutting down; retry on another instance", retry_after=5)
-        captioner = self.holder.captioner
-        if captioner is None:
-            if self.holder.status == "failed":
-                raise ModelNotReady(f"The model failed to load: {self.holder.error}", retry_after=60)
-            raise ModelNotReady("The model is still loading; retry in a few seconds", retry_after=10)
+        captioner = self.ensure_ready()
         if not self._slots.acquire(blocking=wait, timeout=timeout if wait else None):
             raise Overloaded(
                 f"The service is overloaded ({self.limits.max_pending} images pending); retry shortly",
@@ -151,6 +145,17 @@ class CaptionPipeline:
         started = time.perf_counter()
         self._prepare.submit(self._guard, outer, self._prepare_stage, request, captioner, outer, started)
         return outer
+
+    def ensure_ready(self) -> Captioner:
+        """The captioner, or `ModelNotReady`/`Overloaded`: lets a door refuse before reading input."""
+        if self._closed:
+            raise Overloaded("The service is shutting down; retry on another instance", retry_after=5)
+        captioner = self.holder.captioner
+        if captioner is None:
+            if self.holder.status == "failed":
+                raise ModelNotReady(f"The model failed to load: {self.holder.error}", retry_after=60)
+            raise ModelNotReady("The model is still loading; retry in a few seconds", retry_after=10)
+        return captioner
 
     def caption(self, request: CaptionRequest, timeout: float | None = None) -> CaptionResult:
         """Blocking convenience for threads (CLI, watcher)."""

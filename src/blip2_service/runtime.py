@@ -30,13 +30,14 @@ log = logging.getLogger(__name__)
 
 
 class Runtime:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, holder: ModelHolder | None = None) -> None:
+        """`holder` lets tests share one loaded model across runtimes; normally built here."""
         self.settings = settings
         self.metrics = Metrics()
         self.engine = make_engine(settings.database_url)
         self.store = CaptionRepository(self.engine)
         self.mapper = build_mapper(settings)
-        self.holder = ModelHolder(
+        self.holder = holder or ModelHolder(
             partial(
                 load_model,
                 resolve_model_id(settings.model),
@@ -76,7 +77,9 @@ class Runtime:
             torch.set_num_threads(self.settings.torch_threads)
         upgrade(self.engine)
         self.pipeline.start()
-        if background_model:
+        if self.holder.status == "loaded":
+            pass
+        elif background_model:
             self.holder.start()
         else:
             self.holder.load_now()

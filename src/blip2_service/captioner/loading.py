@@ -131,7 +131,7 @@ def load_model(
         if kind == "blip2":
             from transformers import Blip2ForConditionalGeneration as model_class
         else:
-            from transformers import BlipForConditionalGeneration as model_class  # type: ignore[assignment]
+            from transformers import BlipForConditionalGeneration as model_class
         processor = AutoProcessor.from_pretrained(location, backend="pil", **common)
         net = model_class.from_pretrained(location, dtype=torch_dtype, **common)
     except ModelLoadError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 from importlib import resources
 
 from aiohttp import web
@@ -141,7 +142,7 @@ async def index(request: web.Request) -> web.Response:
 
 
 def make_app(ctx: HttpContext) -> web.Application:
-    middlewares = [errors_middleware, cors_middleware(ctx.settings.cors_origins), metrics_middleware(ctx)]
+    middlewares: list[Any] = [errors_middleware, cors_middleware(ctx.settings.cors_origins), metrics_middleware(ctx)]
     if ctx.settings.api_key:
         middlewares.append(auth_middleware(ctx.settings.api_key))
     # Bodies are streamed with our own cap; this only bounds what aiohttp itself buffers.

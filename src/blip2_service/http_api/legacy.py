@@ -110,6 +110,7 @@ async def _analyze(request: web.Request, url_key: str, file_key: str) -> web.Res
         settings = generation_from_query(request.query, ctx.default_generation())
         store = _flag(request.query, "store", True)
         refresh = _flag(request.query, "refresh", False)
+        ctx.pipeline.ensure_ready()
         data, ref = await _read_input(request, ctx, url_key, file_key)
         caption_request = CaptionRequest(Source.HTTP, ref, data, settings, store=store, refresh=refresh)
         result = await asyncio.wrap_future(ctx.pipeline.submit(caption_request))

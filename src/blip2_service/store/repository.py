@@ -184,6 +184,7 @@ class CaptionRepository:
                 inserted = row.id
                 if replace or (row.status == "failed" and new.status == "succeeded"):
                     conn.execute(update(captions).where(captions.c.id == row.id).values(**values))
+            assert inserted is not None
             item = self._get(conn, int(inserted))
         assert item is not None
         return item, created
@@ -259,7 +260,7 @@ class CaptionRepository:
                     )
                     .values(gone_at=_now())
                 )
-                return int(result.rowcount or 0)
+                return int(getattr(result, "rowcount", 0) or 0)
 
         return self._retrying("mark gone", run)
 

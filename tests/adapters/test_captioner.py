@@ -1,0 +1,117 @@
+"""The real BLIP-2 code path (tiny-random checkpoint through from_pretrained): no mocks."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from blip2_service.captioner import Captioner, LoadedModel, ModelLoadError, load_model, resolve_model_id
+from blip2_service.domain import GenerationSettings
+
+from ..conftest import image_bytes
+
+
+def _images(n: int, start: int = 0) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(image_bytes(start + i))).convert("RGB") for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_model: LoadedModel) -> Captioner:
+    return Captioner(tiny_model)
+
+
+def test_tiny_random_is_a_saved_checkpoint_loaded_through_from_pretrained(
+    tiny_model: LoadedModel, data_dir: Path
+) -> None:
+    folder = data_dir / "models" / "tiny-random"
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= names
+    assert type(tiny_model.model).__name__ == "Blip2ForConditionalGeneration"
+    assert tiny_model.processor.num_query_tokens == tiny_model.model.config.num_query_tokens
+    assert tiny_model.model.config.image_token_index is not None
+    assert tiny_model.processor.tokenizer.padding_side == "left"
+
+
+def test_preprocess_gives_the_model_input_shape(captioner: Captioner, tiny_model: LoadedModel) -> None:
+    pixels = captioner.preprocess(_images(1)[0])
+    size = tiny_model.model.config.vision_config.image_size
+    assert tuple(pixels.shape) == (3, size, size)
+
+
+def test_captions_are_text_and_depend_on_the_image(captioner: Captioner) -> None:
+    pixels = [captioner.preprocess(im) for im in _images(6)]
+    out = captioner.caption_batch(pixels, [GenerationSettings(num_beams=1, max_new_tokens=8)] * 6)
+    assert len(out) == 6 and all(len(c) == 1 for c in out)
+    texts = [c[0] for c in out]
+    assert all(t and t == t.strip() for t in texts)
+    assert len(set(texts)) > 1  # the image matters: not the same caption for every input
+    assert "<image>" not in " ".join(texts)  # the prompt ids were sliced off
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_batched_captions_equal_one_at_a_time(captioner: Captioner, beams: int) -> None:
+    pixels = [captioner.preprocess(im) for im in _images(5, start=10)]
+    settings = GenerationSettings(num_beams=beams, max_new_tokens=10)
+    batched = captioner.caption_batch(pixels, [settings] * 5)
+    single = [captioner.caption_batch([p], [settings])[0] for p in pixels]
+    assert batched == single
+
+
+def test_mixed_prompts_batch_like_one_at_a_time(captioner: Captioner) -> None:
+    pixels = [captioner.preprocess(im) for im in _images(4, start=20)]
+    settings = [
+        GenerationSettings(num_beams=1, max_new_tokens=6, prompt=p)
+        for p in ("a photo of", None, "a dog on the beach next to", "question: what is it? answer:")
+    ]
+    batched = captioner.caption_batch(pixels, settings)
+    single = [captioner.caption_batch([p], [s])[0] for p, s in zip(pixels, settings, strict=True)]
+    assert batched == single
+    # a prompt changes the conditioning, so the caption differs from the unprompted one
+    unprompted = captioner.caption_batch([pixels[0]], [GenerationSettings(num_beams=1, max_new_tokens=6)])[0]
+    assert batched[0] != unprompted
+
+
+def test_num_captions_gives_that_many_sampled_alternatives(captioner: Captioner) -> None:
+    pixels = [captioner.preprocess(im) for im in _images(2, start=30)]
+    out = captioner.caption_batch(pixels, [GenerationSettings(num_captions=3, max_new_tokens=8)] * 2)
+    assert [len(c) for c in out] == [3, 3]
+
+
+def test_lavis_names_map_to_hugging_face_twins() -> None:
+    assert resolve_model_id("blip2_opt:pretrain_opt2.7b") == "Salesforce/blip2-opt-2.7b"
+    assert resolve_model_id("blip2_opt:caption_coco_opt2.7b") == "Salesforce/blip2-opt-2.7b-coco"
+    assert resolve_model_id("blip2_t5:pretrain_flant5xl") == "Salesforce/blip2-flan-t5-xl"
+    assert resolve_model_id("blip_caption:large_coco") == "Salesforce/blip-image-captioning-large"
+    assert resolve_model_id("blip_caption:base_coco") == "Salesforce/blip-image-captioning-base"
+    assert resolve_model_id("/models/mine") == "/models/mine"
+
+
+def test_missing_weights_fail_with_where_we_looked_and_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError) as info:
+        load_model("blip2_opt:pretrain_opt2.7b", model_dir=tmp_path / "cache", allow_download=False, device="cpu")
+    message = str(info.value)
+    assert "Salesforce/blip2-opt-2.7b" in message
+    assert str(tmp_path / "cache") in message
+    assert "MODEL_DIR" in message and "MODEL_DOWNLOAD" in message
+
+
+def test_a_local_folder_loads_like_a_hub_id(tiny_model: LoadedModel, data_dir: Path) -> None:
+    folder = data_dir / "models" / "tiny-random"
+    loaded = load_model(str(folder), device="cpu", dtype="float32", allow_download=False)
+    assert loaded.kind == "blip2"
+    assert loaded.framework.startswith("BLIP2")
+
+
+def test_a_checkpoint_without_num_query_tokens_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir / "models" / "tiny-random", broken)
+    config_path = broken / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("num_query_tokens", None)
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="num_query_tokens"):
+        load_model(str(broken), device="cpu", dtype="float32", allow_download=False)

@@ -1,0 +1,142 @@
+"""`blip2-service serve` as a real process: what `make run` starts, driven over HTTP like curl would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..conftest import image_bytes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _post_multipart(url: str, data: bytes) -> tuple[int, dict[str, Any]]:
+    boundary = "----blip2test"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="some.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        return resp.status, json.loads(resp.read())
+
+
+def _start(tmp_path: Path, data_dir: Path, **env: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    full_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "WATCH", "BROKER", "DATABASE"))},
+        "PORT": str(port),
+        "DATA_DIR": str(data_dir),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'e2e.db'}",
+        "WATCH_DIRS": str(tmp_path / "inbox"),
+        "AUTO_UPDATE": "false",
+        **env,
+    }
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blip2_service.cli", "serve"],
+        cwd=tmp_path,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    return proc, port
+
+
+def _wait_for(port: int, model_status: set[str], timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            _status, last = _get(f"http://127.0.0.1:{port}/health")
+            if last.get("model_status") in model_status:
+                return last
+        except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"service never reached {model_status}: {last}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return proc.returncode, out.decode(errors="replace")
+
+
+def test_serve_with_tiny_random_answers_curl_and_stops_cleanly(tmp_path: Path, data_dir: Path) -> None:
+    proc, port = _start(tmp_path, data_dir, MODEL="tiny-random", NUM_BEAMS="2", MAX_NEW_TOKENS="8")
+    try:
+        health = _wait_for(port, {"loaded", "failed"})
+        assert health["status"] == "healthy", health
+        status, body = _post_multipart(f"http://127.0.0.1:{port}/v3/analyze", image_bytes(3))
+        assert status == 200
+        assert body["service"] == "blip2" and body["status"] == "success"
+        assert body["predictions"][0]["text"]
+        assert body["metadata"]["model_info"]["framework"].startswith("BLIP2")
+    finally:
+        code, log = _stop(proc)
+    assert code == 0, log
+    assert "stopped" in log
+
+
+def test_a_default_start_without_weights_reports_what_to_do(tmp_path: Path, data_dir: Path) -> None:
+    # The default MODEL with an empty cache and downloads off (no network here either way).
+    proc, port = _start(tmp_path, data_dir, MODEL_DIR=str(tmp_path / "empty-cache"), MODEL_DOWNLOAD="false")
+    try:
+        health = _wait_for(port, {"failed"}, timeout=60)
+        status, body = _get(f"http://127.0.0.1:{port}/health")
+        assert status == 503
+        assert body["status"] == "unhealthy" and body["model_status"] == "failed"
+        assert "Salesforce/blip2-opt-2.7b" in body["error"] and "MODEL_DIR" in body["error"]
+        status, analyzed = _get(f"http://127.0.0.1:{port}/v3/analyze?url=http://example.com/a.jpg")
+        assert status == 503 and "failed to load" in analyzed["error"]["message"]
+        del health
+    finally:
+        code, _log = _stop(proc)
+    assert code == 0
+
+
+@pytest.mark.parametrize("bad", [{"PORT": "seventy"}, {"DTYPE": "int4"}])
+def test_a_bad_setting_stops_the_start_with_one_line(tmp_path: Path, bad: dict[str, str]) -> None:
+    env = {**os.environ, **bad}
+    result = subprocess.run(
+        [sys.executable, "-m", "blip2_service.cli", "serve"], cwd=tmp_path, env=env, capture_output=True, timeout=60
+    )
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    name, value = next(iter(bad.items()))
+    assert f"{name}='{value}'" in lines[0]

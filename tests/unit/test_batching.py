@@ -1,0 +1,63 @@
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from blip2_service.batching import MicroBatcher
+
+
+def test_a_burst_is_processed_in_batches_up_to_max_size() -> None:
+    seen: list[int] = []
+    release = threading.Event()
+
+    def process(items: Sequence[int]) -> list[int]:
+        release.wait(5)
+        seen.append(len(items))
+        return [i * 2 for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(process, max_size=4, max_wait_s=0.05)
+    batcher.start()
+    futures = [batcher.put(i) for i in range(10)]
+    release.set()
+    assert [f.result(5) for f in futures] == [i * 2 for i in range(10)]
+    batcher.stop(5)
+    assert sum(seen) == 10
+    assert max(seen) == 4
+    assert len(seen) <= 4  # first may be alone (it started before the burst), the rest are full
+
+
+def test_a_lone_item_waits_at_most_max_wait() -> None:
+    batcher: MicroBatcher[int, int] = MicroBatcher(lambda items: list(items), max_size=8, max_wait_s=0.05)
+    batcher.start()
+    started = time.monotonic()
+    assert batcher.put(7).result(5) == 7
+    assert time.monotonic() - started < 2.0
+    batcher.stop(5)
+
+
+def test_per_item_exceptions_and_failing_batches_reach_their_futures() -> None:
+    def process(items: Sequence[int]) -> list[int | BaseException]:
+        if 99 in items:
+            raise RuntimeError("whole batch broke")
+        return [ValueError(f"bad {i}") if i < 0 else i for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(process, max_size=1, max_wait_s=0)
+    batcher.start()
+    ok, bad, broken = batcher.put(1), batcher.put(-1), batcher.put(99)
+    assert ok.result(5) == 1
+    with pytest.raises(ValueError, match="bad -1"):
+        bad.result(5)
+    with pytest.raises(RuntimeError, match="whole batch broke"):
+        broken.result(5)
+    # the thread survived
+    assert batcher.put(2).result(5) == 2
+    batcher.stop(5)
+
+
+def test_stop_finishes_what_was_queued() -> None:
+    batcher: MicroBatcher[int, int] = MicroBatcher(lambda items: list(items), max_size=2, max_wait_s=0)
+    futures = [batcher.put(i) for i in range(5)]
+    batcher.start()
+    batcher.stop(5)
+    assert [f.result(0) for f in futures] == list(range(5))

@@ -1,0 +1,114 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blip2_service.imaging import (
+    ImageTooLarge,
+    UndecodableImage,
+    UnsupportedImage,
+    decode_image,
+    make_thumbnail,
+    sha256_of,
+)
+
+LIMITS = {"max_file_size": 5_000_000, "max_image_pixels": 4_000_000}
+
+
+def _encode(image: Image.Image, fmt: str, **kw: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **kw)
+    return out.getvalue()
+
+
+def _photo(w: int = 40, h: int = 30) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"])
+def test_every_supported_format_decodes_to_rgb_with_its_hash(fmt: str) -> None:
+    data = _encode(_photo(), fmt)
+    decoded = decode_image(data, **LIMITS)
+    assert decoded.image.mode == "RGB"
+    assert (decoded.width, decoded.height) == (40, 30)
+    assert decoded.format == fmt
+    assert decoded.sha256 == sha256_of(data)
+    assert decoded.byte_size == len(data)
+
+
+def test_format_is_sniffed_from_content_not_trusted_from_names() -> None:
+    # PNG bytes whatever the caller calls them; text called .jpg is refused.
+    assert decode_image(_encode(_photo(), "PNG"), **LIMITS).format == "PNG"
+    with pytest.raises(UnsupportedImage, match="Not a supported image"):
+        decode_image(b"GIF89a? no, just text pretending", **LIMITS)
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = _photo(40, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    decoded = decode_image(_encode(image, "JPEG", exif=exif.tobytes()), **LIMITS)
+    assert (decoded.width, decoded.height) == (20, 40)
+
+
+def test_alpha_is_flattened_onto_white() -> None:
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    decoded = decode_image(_encode(rgba, "PNG"), **LIMITS)
+    assert decoded.image.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_cmyk_palette_and_16_bit_images_become_rgb() -> None:
+    cmyk = _photo().convert("CMYK")
+    assert decode_image(_encode(cmyk, "JPEG"), **LIMITS).image.mode == "RGB"
+    palette = _photo().convert("P")
+    palette.info["transparency"] = 0
+    assert decode_image(_encode(palette, "PNG"), **LIMITS).image.mode == "RGB"
+    deep = Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)).convert("I;16")
+    decoded = decode_image(_encode(deep, "PNG"), **LIMITS)
+    assert decoded.image.mode == "RGB"
+    # the range is scaled, not clipped to white
+    low, high = decoded.image.getextrema()[0]
+    assert low < 10 and high > 240
+
+
+def test_gif_first_frame_is_used() -> None:
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    out = io.BytesIO()
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:])
+    decoded = decode_image(out.getvalue(), **LIMITS)
+    r, g, b = decoded.image.getpixel((0, 0))
+    assert r > 200 and b < 50
+
+
+def test_byte_limit_is_413_before_decoding() -> None:
+    with pytest.raises(ImageTooLarge, match="MAX_FILE_SIZE") as info:
+        decode_image(b"x" * 101, max_file_size=100, max_image_pixels=10)
+    assert info.value.status == 413
+
+
+def test_pixel_limit_is_413_from_the_header_alone() -> None:
+    # A 3000x3000 PNG of one colour is tiny on disk but 9 Mpx: refused before the full decode.
+    bomb = _encode(Image.new("RGB", (3000, 3000)), "PNG")
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageTooLarge, match="MAX_IMAGE_PIXELS") as info:
+        decode_image(bomb, max_file_size=10_000_000, max_image_pixels=1_000_000)
+    assert info.value.status == 413
+
+
+def test_truncated_image_is_422_and_empty_or_junk_is_415() -> None:
+    data = _encode(_photo(200, 200), "JPEG")
+    with pytest.raises(UndecodableImage) as info:
+        decode_image(data[: len(data) // 3], **LIMITS)
+    assert info.value.status == 422
+    with pytest.raises(UnsupportedImage) as empty:
+        decode_image(b"", **LIMITS)
+    assert empty.value.status == 415
+
+
+def test_thumbnail_is_a_small_jpeg() -> None:
+    thumb = make_thumbnail(_photo(1000, 500), size=128)
+    image = Image.open(io.BytesIO(thumb))
+    assert image.format == "JPEG"
+    assert max(image.size) == 128
