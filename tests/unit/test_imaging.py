@@ -65,7 +65,7 @@ def test_cmyk_palette_and_16_bit_images_become_rgb() -> None:
     palette = _photo().convert("P")
     palette.info["transparency"] = 0
     assert decode_image(_encode(palette, "PNG"), **LIMITS).image.mode == "RGB"
-    deep = Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)).convert("I;16")
+    deep = Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).convert("I;16")
     decoded = decode_image(_encode(deep, "PNG"), **LIMITS)
     assert decoded.image.mode == "RGB"
     # the range is scaled, not clipped to white
@@ -78,7 +78,7 @@ def test_gif_first_frame_is_used() -> None:
     out = io.BytesIO()
     frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:])
     decoded = decode_image(out.getvalue(), **LIMITS)
-    r, g, b = decoded.image.getpixel((0, 0))
+    r, _g, b = decoded.image.getpixel((0, 0))
     assert r > 200 and b < 50
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 from importlib import resources
+from typing import Any
 
 from aiohttp import web
 
