@@ -28,7 +28,7 @@ from .tables import captions, images, sightings
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_SEARCH_WORD = re.compile(r"\w+", re.UNICODE)
+_SEARCH_WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +349,8 @@ class CaptionRepository:
             )
         if f.q:
             words = [w.lower() for w in _SEARCH_WORD.findall(f.q)]
+            # "dog's" -> dog: lone letters only count when they are all the query has.
+            words = [w for w in words if len(w) > 1] or words
             if words:
                 out.append(self._search(words))
         return out
