@@ -127,7 +127,7 @@ def test_filters_and_paging(store: CaptionRepository) -> None:
     ids = _fill(store)
     store.save(_new(50, "", status="failed", model="m2"))
     items, cursor = store.query(CaptionFilter(), limit=3)
-    assert [i["id"] for i in items] == sorted(ids + [items[0]["id"]], reverse=True)[:3]
+    assert [i["id"] for i in items] == sorted([*ids, items[0]["id"]], reverse=True)[:3]
     assert cursor is not None
     seen = [i["id"] for i in items]
     while cursor:
