@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -17,11 +18,11 @@ from aiohttp import web
 
 from .captioner.holder import ModelHolder
 from .captioner.loading import load_model, resolve_model_id
-from .config import Settings
+from .config import ConfigError, Settings
 from .emoji import build_mapper
+from .fetching import UrlFetcher
 from .http_api.app import make_app
 from .http_api.context import HttpContext
-from .http_api.fetch import UrlFetcher
 from .metrics import Metrics
 from .pipeline import CaptionPipeline, PipelineLimits
 from .store import CaptionRepository, make_engine, upgrade
@@ -62,12 +63,13 @@ class Runtime:
             metrics=self.metrics,
         )
         self.adapters: list[Any] = []
+        self._closables: list[Callable[[], None]] = []
         self._started = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def start(self, *, background_model: bool = True) -> None:
-        """Migrate the store, start the inference thread and load the model."""
+    def start(self, *, background_model: bool = True, load_model: bool = True) -> None:
+        """Migrate the store, start the inference thread and load the model (unless not needed)."""
         if self._started:
             return
         self._started = True
@@ -77,7 +79,7 @@ class Runtime:
             torch.set_num_threads(self.settings.torch_threads)
         upgrade(self.engine)
         self.pipeline.start()
-        if self.holder.status == "loaded":
+        if self.holder.status == "loaded" or not load_model:
             pass
         elif background_model:
             self.holder.start()
@@ -92,6 +94,8 @@ class Runtime:
                 log.exception("stopping %s failed", type(adapter).__name__)
         self.adapters.clear()
         self.pipeline.stop(timeout)
+        for close in self._closables:
+            close()
         self.engine.dispose()
 
     def health_extras(self) -> dict[str, Any]:
@@ -120,17 +124,28 @@ class Runtime:
     # -- adapters -------------------------------------------------------------------------
 
     def start_adapters(self, *, watch: bool, consume: bool) -> None:
-        """Start the watcher and/or consumer once the model is ready (they feed it without pause)."""
-        if watch and self.settings.watch_dirs:
+        """Start the watcher and/or consumer (once the model is ready: they feed it without pause)."""
+        s = self.settings
+        if watch and s.watch_dirs:
             from .watcher import FolderWatcher
 
-            watcher = FolderWatcher.from_settings(self.settings, self.pipeline, self.store, self.metrics)
+            publish = None
+            if s.watch_mode == "publish":
+                if not s.broker_url:
+                    raise ConfigError("WATCH_MODE='publish' needs BROKER_URL (the queue to publish to)")
+                from .amqp_topology import Topology
+                from .publisher import QueuePublisher
+
+                publisher = QueuePublisher(s.broker_url, Topology(s.queue_name, s.results_exchange))
+                self._closables.append(publisher.close)
+                publish = publisher.publish
+            watcher = FolderWatcher.from_settings(s, self.pipeline, self.store, self.metrics, publish)
             self.adapters.append(watcher)
             watcher.start()
-        if consume and self.settings.broker_url:
+        if consume and s.broker_url:
             from .consumer import QueueConsumer
 
-            consumer = QueueConsumer.from_settings(self.settings, self.pipeline, self.store, self.metrics)
+            consumer = QueueConsumer.from_settings(s, self.pipeline, self.store, self.metrics)
             self.adapters.append(consumer)
             consumer.start()
 
@@ -148,7 +163,9 @@ class Runtime:
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda _s, _f: stop.set())
-        self.start(background_model=False)
+        # A publishing watcher only feeds the queue: it needs no model.
+        needs_model = consume or self.settings.watch_mode == "caption"
+        self.start(background_model=False, load_model=needs_model)
         self.start_adapters(watch=watch, consume=consume)
         if not self.adapters:
             log.error("nothing to run: set WATCH_DIRS or BROKER_URL")

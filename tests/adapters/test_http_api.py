@@ -18,8 +18,8 @@ from PIL import Image
 
 from blip2_service.captioner.holder import ModelHolder
 from blip2_service.captioner.loading import ModelLoadError
+from blip2_service.fetching import UrlFetcher
 from blip2_service.http_api.app import make_app
-from blip2_service.http_api.fetch import UrlFetcher
 from blip2_service.runtime import Runtime
 
 from ..conftest import image_bytes

@@ -106,7 +106,8 @@ def build_tiny_random(path: Path, *, seed: int = 0, image_size: int = 64, num_qu
         vocab_size=1200, special_tokens=_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(_CORPUS * 4, trainer)
-    bos = int(tok.token_to_id("</s>"))
+    bos = tok.token_to_id("</s>")
+    assert bos is not None
     # OPT prepends </s> as BOS; do the same so prompted and unprompted inputs line up.
     tok.post_processor = processors.TemplateProcessing(
         single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", bos)]

@@ -13,10 +13,10 @@ from ..captioner.holder import ModelHolder
 from ..config import Settings
 from ..domain import GenerationSettings
 from ..emoji.mapper import EmojiMapper
+from ..fetching import UrlFetcher
 from ..metrics import Metrics
 from ..pipeline import CaptionPipeline
 from ..store.repository import CaptionRepository
-from .fetch import UrlFetcher
 
 
 @dataclass

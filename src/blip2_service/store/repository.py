@@ -280,17 +280,25 @@ class CaptionRepository:
 
         return self._retrying("find caption", run)
 
-    def known_files(self, source: str, prefix: str) -> dict[str, tuple[int | None, float | None]]:
-        """(size, mtime) of every live sighting under a folder: the watcher's catch-up skips these."""
+    def known_files(self, source: str | None, prefix: str) -> dict[str, tuple[int | None, float | None]]:
+        """(size, mtime) of every live sighting under a folder: the watcher's catch-up skips these.
+
+        Only paths whose caption is stored count (a failed caption counts too: the
+        same bytes would fail the same way), so a crash between sighting and caption
+        is caught up.
+        """
 
         def run() -> dict[str, tuple[int | None, float | None]]:
+            conditions = [
+                sightings.c.source_ref.startswith(prefix, autoescape=True),
+                sightings.c.gone_at.is_(None),
+                exists().where(captions.c.image_sha256 == sightings.c.image_sha256),
+            ]
+            if source is not None:
+                conditions.append(sightings.c.source == source)
             with self.engine.connect() as conn:
                 rows = conn.execute(
-                    select(sightings.c.source_ref, sightings.c.file_size, sightings.c.file_mtime).where(
-                        sightings.c.source == source,
-                        sightings.c.source_ref.startswith(prefix, autoescape=True),
-                        sightings.c.gone_at.is_(None),
-                    )
+                    select(sightings.c.source_ref, sightings.c.file_size, sightings.c.file_mtime).where(*conditions)
                 )
                 return {r.source_ref: (r.file_size, r.file_mtime) for r in rows}
 

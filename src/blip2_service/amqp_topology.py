@@ -1,0 +1,59 @@
+"""Queue, exchanges and dead letters, declared the same way by every consumer and publisher.
+
+Queue arguments must match across every declaration of a queue (RabbitMQ
+refuses a redeclaration with different ones), so they are built in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kombu import Connection, Exchange, Queue
+
+from .queue_protocol import DEAD_SUFFIX
+
+
+@dataclass(frozen=True)
+class Topology:
+    queue_name: str
+    results_exchange_name: str
+
+    @property
+    def dead_name(self) -> str:
+        return self.queue_name + DEAD_SUFFIX
+
+    @property
+    def dead_exchange(self) -> Exchange:
+        return Exchange(self.dead_name, type="direct", durable=True)
+
+    @property
+    def dead_queue(self) -> Queue:
+        return Queue(self.dead_name, exchange=self.dead_exchange, routing_key=self.queue_name, durable=True)
+
+    @property
+    def request_queue(self) -> Queue:
+        return Queue(
+            self.queue_name,
+            durable=True,
+            queue_arguments={
+                "x-dead-letter-exchange": self.dead_name,
+                "x-dead-letter-routing-key": self.queue_name,
+            },
+        )
+
+    @property
+    def results_exchange(self) -> Exchange:
+        return Exchange(self.results_exchange_name, type="topic", durable=True)
+
+    def declare(self, channel: Any) -> None:
+        """Idempotent: every process may call it at start."""
+        self.results_exchange(channel).declare()
+        self.dead_exchange(channel).declare()
+        self.dead_queue(channel).declare()
+        self.request_queue(channel).declare()
+
+
+def connect(broker_url: str, **kwargs: Any) -> Connection:
+    # Confirms: a publish returns only once the broker has the message, so we can ack after it.
+    return Connection(broker_url, heartbeat=30, transport_options={"confirm_publish": True}, **kwargs)

@@ -1,0 +1,353 @@
+"""RabbitMQ consumer: a thin kombu adapter over the pipeline.
+
+Threads: the consumer thread owns the AMQP connection (kombu channels are not
+thread-safe) and only parses, publishes and acks; loading bytes (files, URLs)
+happens on an I/O pool and captioning on the pipeline's inference thread.
+Finished work comes back through a queue and is acked on the consumer thread,
+after the store commit. Anything unacked when a process dies is redelivered,
+and the store's unique key turns the redelivery into a cache hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from kombu import Connection, Message
+from kombu.mixins import ConsumerProducerMixin
+
+from .amqp_topology import Topology, connect
+from .config import Settings
+from .domain import (
+    CaptionError,
+    CaptionRequest,
+    CaptionResult,
+    GenerationSettings,
+    PermanentError,
+    Source,
+    TransientError,
+)
+from .fetching import UrlFetcher
+from .localfiles import read_file
+from .metrics import Metrics
+from .pipeline import CaptionPipeline
+from .queue_protocol import REASON_HEADER, BadRequestMessage, QueueRequest, decode_b64, parse_request, result_body
+from .store.repository import CaptionRepository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    kind: str  # "ok" | "failed" | "retry" | "bug"
+    result: CaptionResult | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Held:
+    """A delivered, not yet acknowledged message and what we know of it."""
+
+    message: Message
+    generation: int
+    request: QueueRequest | None = None
+    attempt: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
+    name = "queue"
+
+    def __init__(
+        self,
+        broker_url: str,
+        *,
+        pipeline: CaptionPipeline,
+        topology: Topology,
+        prefetch: int,
+        generation: GenerationSettings,
+        max_file_size: int,
+        fetcher: UrlFetcher,
+        metrics: Metrics | None = None,
+        retry_base: float = 1.0,
+        retry_max: float = 30.0,
+    ) -> None:
+        self.connection: Connection = connect(broker_url)
+        self.pipeline = pipeline
+        self.topology = topology
+        self.prefetch = prefetch
+        self.generation = generation
+        self.max_file_size = max_file_size
+        self.fetcher = fetcher
+        self.metrics = metrics or Metrics()
+        self.retry_base = retry_base
+        self.retry_max = retry_max
+        self.state = "connecting"
+        self.last_error: str | None = None
+        self.counts = {"succeeded": 0, "failed": 0, "retried": 0}
+        self._gen = 0
+        self._held: dict[int, _Held] = {}
+        self._done: queue.Queue[tuple[_Held, _Outcome]] = queue.Queue()
+        self._retries: list[tuple[float, int, _Held]] = []
+        self._seq = itertools.count()
+        self._io = ThreadPoolExecutor(4, thread_name_prefix="queue-io")
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="queue-fetch", daemon=True)
+        self._thread: threading.Thread | None = None
+        self._draining = False
+        self._consumers: list[Any] = []
+        self._stopped = threading.Event()
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        pipeline: CaptionPipeline,
+        _store: CaptionRepository | None = None,
+        metrics: Metrics | None = None,
+    ) -> QueueConsumer:
+        return cls(
+            settings.broker_url,
+            pipeline=pipeline,
+            topology=Topology(settings.queue_name, settings.results_exchange),
+            prefetch=settings.prefetch,
+            generation=GenerationSettings(settings.num_beams, settings.max_new_tokens, settings.min_new_tokens),
+            max_file_size=settings.max_file_size,
+            fetcher=UrlFetcher(
+                timeout=settings.url_timeout,
+                max_bytes=settings.max_file_size,
+                allow_private=settings.allow_private_urls,
+            ),
+            metrics=metrics,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop_thread.start()
+        self._thread = threading.Thread(target=self._run, name="queue-consumer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.run(safety_interval=0.05)
+        finally:
+            self.state = "stopped"
+            self._stopped.set()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop taking messages, finish and ack those in flight, then close."""
+        self._draining = True
+        if not self._stopped.wait(timeout):
+            log.warning(
+                "queue consumer: %d messages still in flight at shutdown; the broker redelivers them", len(self._held)
+            )
+            self.should_stop = True
+            self._stopped.wait(5)
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+        async def close_fetcher() -> None:
+            await self.fetcher.close()
+
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(close_fetcher(), self._loop).result(5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self.connection.release()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "queue": self.topology.queue_name,
+            "prefetch": self.prefetch,
+            "in_flight": len(self._held),
+            **self.counts,
+            "last_error": self.last_error,
+        }
+
+    # -- kombu hooks (consumer thread) ------------------------------------------------------
+
+    def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Any]:
+        return [
+            consumer_cls(
+                queues=[self.topology.request_queue],
+                on_message=self._on_message,
+                prefetch_count=self.prefetch,
+                accept=None,
+            )
+        ]
+
+    def on_connection_revived(self) -> None:
+        # Deliveries from a dead channel cannot be acked on the new one: the broker has
+        # requeued them already, so forget them (their results are in the store).
+        self._gen += 1
+        self._held.clear()
+        self._retries.clear()
+
+    def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **kwargs: Any) -> None:
+        self.topology.declare(channel)
+        self._consumers = list(consumers)
+        if self.state != "connected":
+            log.info("queue consumer connected to %s, consuming %s", connection.as_uri(), self.topology.queue_name)
+        self.state = "connected"
+
+    def on_connection_error(self, exc: BaseException, interval: float) -> None:
+        self.state = "reconnecting"
+        self.last_error = f"broker: {exc}"
+        log.warning("broker connection failed (%s); retrying in %.1fs", exc, interval)
+
+    def on_iteration(self) -> None:
+        while True:
+            try:
+                held, outcome = self._done.get_nowait()
+            except queue.Empty:
+                break
+            self._finish(held, outcome)
+        now = time.monotonic()
+        while self._retries and self._retries[0][0] <= now:
+            _due, _seq, held = heapq.heappop(self._retries)
+            if held.generation == self._gen:
+                self._start(held)
+        if self._draining:
+            for consumer in self._consumers:
+                with contextlib.suppress(Exception):
+                    consumer.cancel()
+            self._consumers = []
+            if not self._held:
+                self.should_stop = True
+
+    # -- messages -------------------------------------------------------------------------
+
+    def _on_message(self, message: Message) -> None:
+        held = _Held(message, self._gen)
+        self._held[id(held)] = held
+        try:
+            held.request = parse_request(message.body)
+        except BadRequestMessage as exc:
+            self._finish(held, _Outcome("failed", error=exc.message))
+            return
+        self._start(held)
+
+    def _start(self, held: _Held) -> None:
+        self._io.submit(self._work, held)
+
+    def _work(self, held: _Held) -> None:
+        """I/O thread: get the bytes, submit, and report back through `_done`."""
+        request = held.request
+        assert request is not None
+        try:
+            data = self._load(request)
+            settings = replace(self.generation, prompt=request.prompt) if request.prompt else self.generation
+            caption_request = CaptionRequest(Source.QUEUE, self._source_ref(held), data, settings)
+            future = self.pipeline.submit(caption_request, wait=True)
+        except PermanentError as exc:
+            self._done.put((held, _Outcome("failed", error=exc.message)))
+            return
+        except TransientError as exc:
+            self._done.put((held, _Outcome("retry", error=exc.message)))
+            return
+        except Exception as exc:
+            log.exception("queue message failed before captioning")
+            self._done.put((held, _Outcome("bug", error=str(exc))))
+            return
+        future.add_done_callback(lambda f: self._done.put((held, self._outcome(f))))
+
+    def _load(self, request: QueueRequest) -> bytes:
+        if request.kind == "image_b64":
+            return decode_b64(request.value)
+        if request.kind == "path":
+            data, _stat = read_file(Path(request.value).expanduser(), self.max_file_size)
+            return data
+        return asyncio.run_coroutine_threadsafe(self.fetcher.fetch(request.value), self._loop).result()
+
+    @staticmethod
+    def _source_ref(held: _Held) -> str:
+        request = held.request
+        assert request is not None
+        if request.kind in ("path", "url"):
+            return request.value
+        message_id = held.message.properties.get("message_id")
+        return f"message:{request.id or message_id or held.message.delivery_tag}"
+
+    @staticmethod
+    def _outcome(future: Future[CaptionResult]) -> _Outcome:
+        exc = future.exception()
+        if isinstance(exc, TransientError):
+            return _Outcome("retry", error=exc.message)
+        if exc is not None:
+            message = exc.message if isinstance(exc, CaptionError) else str(exc)
+            return _Outcome("bug", error=message)
+        result = future.result()
+        return _Outcome("ok" if result.ok else "failed", result=result, error=result.error)
+
+    def _finish(self, held: _Held, outcome: _Outcome) -> None:
+        """Consumer thread: announce, then acknowledge (or retry, or dead-letter)."""
+        if held.generation != self._gen:
+            return  # delivered on a connection that is gone; the broker redelivers it
+        message = held.message
+        if outcome.kind == "retry":
+            held.attempt += 1
+            delay = min(self.retry_base * 2 ** (held.attempt - 1), self.retry_max)
+            self.counts["retried"] += 1
+            self.last_error = outcome.error
+            self.metrics.queue_messages.labels("retried").inc()
+            log.warning("queue message will be retried in %.1fs (attempt %d): %s", delay, held.attempt, outcome.error)
+            heapq.heappush(self._retries, (time.monotonic() + delay, next(self._seq), held))
+            return
+        if outcome.kind == "bug" and not message.delivery_info.get("redelivered"):
+            # A model or code failure: give it one more chance elsewhere before dead-lettering.
+            self._held.pop(id(held), None)
+            self.metrics.queue_messages.labels("requeued").inc()
+            message.requeue()
+            return
+        echo = held.request.echo() if held.request else None
+        ok = outcome.kind == "ok"
+        body = result_body(outcome.result, framework=self.pipeline.framework, request=echo, error=outcome.error)
+        routing_key = "caption.succeeded" if ok else "caption.failed"
+        self.producer.publish(
+            body,
+            exchange=self.topology.results_exchange,
+            routing_key=routing_key,
+            serializer="json",
+            declare=[self.topology.results_exchange],
+            retry=True,
+        )
+        reply_to = message.properties.get("reply_to")
+        if reply_to:
+            self.producer.publish(
+                body,
+                exchange="",
+                routing_key=reply_to,
+                correlation_id=message.properties.get("correlation_id"),
+                serializer="json",
+                retry=True,
+            )
+        if not ok:
+            reason = outcome.error or "failed"
+            headers = dict(message.headers or {})
+            headers[REASON_HEADER] = reason
+            self.producer.publish(
+                message.body,
+                exchange=self.topology.dead_exchange,
+                routing_key=self.topology.queue_name,
+                headers=headers,
+                content_type=message.content_type or "application/octet-stream",
+                content_encoding=message.content_encoding or "binary",
+                declare=[self.topology.dead_queue],
+                retry=True,
+            )
+            self.last_error = reason
+            log.warning("queue message dead-lettered: %s", reason)
+        message.ack()
+        self._held.pop(id(held), None)
+        self.counts["succeeded" if ok else "failed"] += 1
+        self.metrics.queue_messages.labels("succeeded" if ok else "dead_lettered").inc()

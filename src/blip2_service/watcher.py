@@ -1,0 +1,420 @@
+"""Watched folders: a thin watchdog adapter over the pipeline.
+
+Filesystem events only say "look at this path"; a file is read once its size
+and mtime have held still for WATCH_SETTLE_SECONDS (the `StabilityTracker`),
+because `created` fires before the writer has written anything. On start the
+folders are scanned and every file whose (path, size, mtime) the store does
+not already know is captioned, so downtime loses nothing and a restart over
+100,000 stored files costs one query and a directory walk, not 100,000 hashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from .config import Settings
+from .domain import CaptionError, CaptionRequest, CaptionResult, GenerationSettings, Source, TransientError
+from .imaging import IMAGE_SUFFIXES
+from .localfiles import FileMissing, read_file
+from .metrics import Metrics
+from .pipeline import CaptionPipeline
+from .store.repository import CaptionRepository
+
+log = logging.getLogger(__name__)
+
+TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download", "~")
+Publish = Callable[[dict[str, Any]], None]
+StatFn = Callable[[Path], tuple[int, float] | None]
+
+
+def is_temporary(path: Path) -> bool:
+    """Names writers use while a file is incomplete: ignored until renamed to a real name."""
+    name = path.name
+    return name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES)
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _stat(path: Path) -> tuple[int, float] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime
+
+
+@dataclass(slots=True)
+class _Observation:
+    size: int
+    mtime: float
+    since: float
+
+
+class StabilityTracker:
+    """Which touched files have stopped changing. Pure logic over an injected clock and stat."""
+
+    def __init__(
+        self,
+        settle_seconds: float,
+        *,
+        clock: Callable[[], float] = time.time,
+        stat: StatFn = _stat,
+    ) -> None:
+        self.settle = settle_seconds
+        self._clock = clock
+        self._stat = stat
+        self._files: dict[Path, _Observation | None] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def touch(self, path: Path) -> None:
+        """Something happened to `path`: (re)start watching it."""
+        with self._lock:
+            self._files[path] = None
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            self._files.pop(path, None)
+
+    def due(self) -> list[tuple[Path, int, float]]:
+        """Files unchanged for `settle` seconds, as (path, size, mtime); they stop being tracked.
+
+        A file whose mtime is already older than the settle time counts as stable
+        on first sight (catch-up of files that were complete before we started).
+        """
+        now = self._clock()
+        ready: list[tuple[Path, int, float]] = []
+        with self._lock:
+            for path, seen in list(self._files.items()):
+                current = self._stat(path)
+                if current is None:  # vanished (deleted or renamed away)
+                    del self._files[path]
+                    continue
+                size, mtime = current
+                if seen is None or (seen.size, seen.mtime) != (size, mtime):
+                    since = now if seen is not None or now - mtime < self.settle else now - self.settle
+                    self._files[path] = seen = _Observation(size, mtime, since)
+                if now - seen.since >= self.settle and now - mtime >= min(self.settle, 0.05):
+                    ready.append((path, size, mtime))
+                    del self._files[path]
+        return ready
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: FolderWatcher) -> None:
+        self.watcher = watcher
+
+    def on_created(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.watcher.consider(Path(os.fsdecode(event.src_path)))
+
+    def on_modified(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.watcher.consider(Path(os.fsdecode(event.src_path)))
+
+    def on_closed(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.watcher.consider(Path(os.fsdecode(event.src_path)))
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            self.watcher.scan_folder(Path(os.fsdecode(event.dest_path)))
+        else:
+            self.watcher.gone(Path(os.fsdecode(event.src_path)))
+            self.watcher.consider(Path(os.fsdecode(event.dest_path)))
+
+    def on_deleted(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.watcher.gone(Path(os.fsdecode(event.src_path)))
+
+
+@dataclass
+class _Stats:
+    submitted: int = 0
+    captioned: int = 0
+    failed: int = 0
+    skipped: int = 0
+    last_error: str | None = None
+    observers: dict[str, str] = field(default_factory=dict)
+
+
+class FolderWatcher:
+    name = "watch"
+
+    def __init__(
+        self,
+        folders: list[Path],
+        *,
+        pipeline: CaptionPipeline | None,
+        store: CaptionRepository | None,
+        generation: GenerationSettings,
+        settle_seconds: float = 1.0,
+        recursive: bool = True,
+        polling: bool = False,
+        mode: str = "caption",
+        publish: Publish | None = None,
+        metrics: Metrics | None = None,
+        max_file_size: int = 33_554_432,
+        poll_interval: float = 1.0,
+        retry_delay: float = 5.0,
+    ) -> None:
+        if mode == "publish" and publish is None:
+            raise ValueError("WATCH_MODE=publish needs BROKER_URL: the watcher publishes to the queue")
+        self.folders = [f.expanduser().resolve() for f in folders]
+        self.pipeline = pipeline
+        self.store = store
+        self.generation = generation
+        self.recursive = recursive
+        self.polling = polling
+        self.mode = mode
+        self.publish = publish
+        self.metrics = metrics or Metrics()
+        self.max_file_size = max_file_size
+        self.poll_interval = poll_interval
+        self.retry_delay = retry_delay
+        self.tracker = StabilityTracker(settle_seconds)
+        self.stats = _Stats()
+        self._observers: list[Any] = []
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="watcher", daemon=True)
+        self._skipped_logged: set[Path] = set()
+        self._inflight: set[Future[CaptionResult]] = set()
+        self._inflight_lock = threading.Lock()
+        self._retry_at: dict[Path, float] = {}
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        pipeline: CaptionPipeline | None,
+        store: CaptionRepository | None,
+        metrics: Metrics | None = None,
+        publish: Publish | None = None,
+    ) -> FolderWatcher:
+        return cls(
+            settings.watch_dirs,
+            pipeline=pipeline,
+            store=store,
+            generation=GenerationSettings(settings.num_beams, settings.max_new_tokens, settings.min_new_tokens),
+            settle_seconds=settings.watch_settle_seconds,
+            recursive=settings.watch_recursive,
+            polling=settings.watch_polling,
+            mode=settings.watch_mode,
+            publish=publish,
+            metrics=metrics,
+            max_file_size=settings.max_file_size,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for folder in self.folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._observers.append(self._observe(folder))
+        self._worker.start()
+        threading.Thread(target=self._catch_up, name="watcher-catch-up", daemon=True).start()
+
+    def _observe(self, folder: Path) -> Any:
+        handler = _Handler(self)
+        if not self.polling:
+            observer: Any = Observer()
+            try:
+                observer.schedule(handler, str(folder), recursive=self.recursive)
+                observer.start()
+                self.stats.observers[str(folder)] = "inotify"
+                return observer
+            except OSError as exc:
+                log.warning(
+                    "cannot use inotify for %s (%s): falling back to polling; raise "
+                    "fs.inotify.max_user_watches (sysctl) or set WATCH_POLLING=true",
+                    folder,
+                    exc,
+                )
+                with contextlib.suppress(Exception):
+                    observer.stop()
+        observer = PollingObserver(timeout=self.poll_interval)
+        observer.schedule(handler, str(folder), recursive=self.recursive)
+        observer.start()
+        self.stats.observers[str(folder)] = "polling"
+        return observer
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop watching; files already handed to the pipeline finish (the runtime drains it)."""
+        for observer in self._observers:
+            observer.stop()
+        for observer in self._observers:
+            observer.join(timeout)
+        self._observers.clear()
+        self._stop.set()
+        if self._worker.is_alive():
+            self._worker.join(timeout)
+        deadline = time.monotonic() + timeout
+        while self._inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "state": "stopped" if self._stop.is_set() else "running",
+            "mode": self.mode,
+            "folders": self.stats.observers,
+            "pending": len(self.tracker),
+            "in_flight": len(self._inflight),
+            "captioned": self.stats.captioned,
+            "failed": self.stats.failed,
+            "last_error": self.stats.last_error,
+        }
+
+    # -- events ---------------------------------------------------------------------------
+
+    def consider(self, path: Path) -> None:
+        if is_temporary(path) or any(part.startswith(".") for part in path.parts[-3:-1]):
+            return
+        if not is_image_name(path):
+            if path not in self._skipped_logged:
+                self._skipped_logged.add(path)
+                self.stats.skipped += 1
+                self.metrics.watch_files.labels("skipped").inc()
+                log.info("skipping %s: not an image (by its name)", path)
+            return
+        self.tracker.touch(path)
+
+    def gone(self, path: Path) -> None:
+        self.tracker.forget(path)
+        if self.store is not None and is_image_name(path):
+            try:
+                self.store.mark_gone(Source.WATCH.value, str(path))
+            except TransientError as exc:
+                log.warning("could not mark %s as gone: %s", path, exc.message)
+
+    def scan_folder(self, folder: Path, known: dict[str, tuple[int | None, float | None]] | None = None) -> int:
+        """Touch every image under `folder` that the store does not know by (path, size, mtime)."""
+        touched = 0
+        for path in self._walk(folder):
+            if known is not None:
+                seen = known.get(str(path))
+                current = _stat(path)
+                if (
+                    seen is not None
+                    and current is not None
+                    and seen[0] == current[0]
+                    and seen[1] is not None
+                    and abs(seen[1] - current[1]) < 1e-6
+                ):
+                    continue
+            self.consider(path)
+            touched += 1
+        return touched
+
+    def _walk(self, folder: Path) -> Iterator[Path]:
+        if not folder.is_dir():
+            return
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if self.recursive else []
+            for name in sorted(files):
+                yield Path(root) / name
+
+    def _catch_up(self) -> None:
+        started = time.monotonic()
+        total = 0
+        for folder in self.folders:
+            known: dict[str, tuple[int | None, float | None]] = {}
+            if self.store is not None:
+                try:
+                    known = self.store.known_files(None, str(folder) + os.sep)
+                except TransientError as exc:
+                    log.warning("catch-up of %s without the store (%s): every file is re-checked", folder, exc.message)
+            total += self.scan_folder(folder, known)
+        log.info("catch-up scan queued %d new or changed files in %.1fs", total, time.monotonic() - started)
+
+    # -- work -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            now = time.monotonic()
+            for path, when in list(self._retry_at.items()):
+                if when <= now:
+                    del self._retry_at[path]
+                    self.tracker.touch(path)
+            for path, size, mtime in self.tracker.due():
+                if self._stop.is_set():
+                    self.tracker.touch(path)  # not taken: the next start's catch-up finds it
+                    break
+                try:
+                    self._handle(path, size, mtime)
+                except Exception as exc:  # the loop must survive any one file
+                    self.stats.last_error = f"{path}: {exc}"
+                    log.exception("watching %s failed", path)
+
+    def _handle(self, path: Path, size: int, mtime: float) -> None:
+        if self.mode == "publish":
+            assert self.publish is not None
+            try:
+                self.publish({"path": str(path)})
+            except Exception as exc:
+                self._retry_later(path, f"publishing failed: {exc}")
+            return
+        try:
+            data, stat = read_file(path, self.max_file_size)
+        except FileMissing:
+            return  # deleted while settling
+        except CaptionError as exc:  # too large, unreadable: nothing to hash, so log it loudly
+            self.stats.failed += 1
+            self.stats.last_error = f"{path}: {exc.message}"
+            self.metrics.watch_files.labels("failed").inc()
+            log.error("skipping %s: %s", path, exc.message)
+            return
+        if (stat.st_size, stat.st_mtime) != (size, mtime):
+            self.tracker.touch(path)  # changed between stability and reading: wait again
+            return
+        request = CaptionRequest(Source.WATCH, str(path), data, self.generation, file_size=size, file_mtime=mtime)
+        assert self.pipeline is not None
+        future = self.pipeline.submit(request, wait=True)
+        self.stats.submitted += 1
+        with self._inflight_lock:
+            self._inflight.add(future)
+        future.add_done_callback(lambda f: self._done(path, f))
+
+    def _done(self, path: Path, future: Future[CaptionResult]) -> None:
+        with self._inflight_lock:
+            self._inflight.discard(future)
+        exc = future.exception()
+        if isinstance(exc, TransientError):
+            self._retry_later(path, exc.message)
+            return
+        if exc is not None:
+            self.stats.failed += 1
+            self.stats.last_error = f"{path}: {exc}"
+            self.metrics.watch_files.labels("error").inc()
+            log.error("captioning %s failed: %s", path, exc)
+            return
+        result = future.result()
+        if result.ok:
+            self.stats.captioned += 1
+            self.metrics.watch_files.labels("captioned").inc()
+        else:
+            self.stats.failed += 1
+            self.stats.last_error = f"{path}: {result.error}"
+            self.metrics.watch_files.labels("failed").inc()
+            log.warning("%s stored as failed: %s", path, result.error)
+
+    def _retry_later(self, path: Path, reason: str) -> None:
+        self.stats.last_error = f"{path}: {reason}"
+        log.warning("%s will be retried in %.0fs: %s", path, self.retry_delay, reason)
+        self._retry_at[path] = time.monotonic() + self.retry_delay

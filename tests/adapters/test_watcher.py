@@ -1,0 +1,173 @@
+"""The watcher over real files, the real tiny-random model and a real SQLite store."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from blip2_service.domain import GenerationSettings
+from blip2_service.pipeline import CaptionPipeline
+from blip2_service.store import CaptionFilter, CaptionRepository
+from blip2_service.store.tables import captions, sightings
+from blip2_service.watcher import FolderWatcher
+
+from ..conftest import image_bytes
+
+FAST = GenerationSettings(num_beams=1, max_new_tokens=4)
+
+
+def _count(store: CaptionRepository, table: Any = captions) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(params=[False, True], ids=["inotify", "polling"])
+def polling(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+@pytest.fixture
+def start_watcher(
+    make_pipeline: Callable[..., CaptionPipeline], sqlite_store: CaptionRepository, polling: bool, tmp_path: Path
+) -> Iterator[Callable[..., FolderWatcher]]:
+    started: list[FolderWatcher] = []
+    pipeline = make_pipeline(sqlite_store, max_pending=256, batch_max_size=16)
+
+    def start(folder: Path | None = None, settle: float = 0.4) -> FolderWatcher:
+        watcher = FolderWatcher(
+            [folder or tmp_path / "inbox"],
+            pipeline=pipeline,
+            store=sqlite_store,
+            generation=FAST,
+            settle_seconds=settle,
+            polling=polling,
+            poll_interval=0.2,
+            retry_delay=0.5,
+        )
+        watcher.start()
+        started.append(watcher)
+        return watcher
+
+    yield start
+    for watcher in started:
+        watcher.stop()
+
+
+def test_two_hundred_images_copied_at_once_are_each_captioned_once(
+    start_watcher: Callable[..., FolderWatcher], sqlite_store: CaptionRepository, tmp_path: Path
+) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for i in range(200):
+        (staging / f"img{i:03d}.jpg").write_bytes(image_bytes(1000 + i, size=(48, 48)))
+    inbox = tmp_path / "inbox"
+    watcher = start_watcher(inbox)
+    shutil.copytree(staging, inbox / "batch")
+    wait_until(lambda: _count(sqlite_store) == 200, 180, "200 captions")
+    time.sleep(1.0)  # nothing more arrives late
+    assert _count(sqlite_store) == 200
+    assert _count(sqlite_store, sightings) == 200
+    assert watcher.stats.submitted == 200
+
+
+def test_a_slow_writer_is_captioned_once_from_the_complete_file(
+    start_watcher: Callable[..., FolderWatcher], sqlite_store: CaptionRepository, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    watcher = start_watcher(inbox, settle=1.0)
+    data = image_bytes(7, size=(300, 300), fmt="PNG")
+    chunks = [data[i : i + len(data) // 10 + 1] for i in range(0, len(data), len(data) // 10 + 1)]
+    with (inbox / "slow.png").open("wb") as fh:
+        for chunk in chunks:  # about 3 s in all
+            fh.write(chunk)
+            fh.flush()
+            time.sleep(0.3)
+    wait_until(lambda: _count(sqlite_store) >= 1, 30, "the caption")
+    time.sleep(1.5)
+    items, _ = sqlite_store.query(CaptionFilter())
+    assert len(items) == 1
+    assert items[0]["status"] == "succeeded"
+    assert items[0]["image_sha256"] == hashlib.sha256(data).hexdigest()
+    assert watcher.stats.submitted == 1
+
+
+def test_part_files_wait_for_their_rename_and_duplicates_are_one_caption(
+    start_watcher: Callable[..., FolderWatcher], sqlite_store: CaptionRepository, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    start_watcher(inbox)
+    data = image_bytes(8)
+    (inbox / "download.jpg.part").write_bytes(data)
+    time.sleep(1.5)
+    assert _count(sqlite_store) == 0  # ignored while it has a temporary name
+    (inbox / "download.jpg.part").rename(inbox / "download.jpg")
+    wait_until(lambda: _count(sqlite_store) == 1, 30, "the renamed file")
+    (inbox / "copy-of-download.jpg").write_bytes(data)  # same bytes, second name
+    wait_until(lambda: _count(sqlite_store, sightings) == 2, 30, "the second sighting")
+    assert _count(sqlite_store) == 1
+    image = sqlite_store.image(hashlib.sha256(data).hexdigest())
+    assert image is not None
+    assert sorted(Path(loc["source_ref"]).name for loc in image["locations"]) == [
+        "copy-of-download.jpg",
+        "download.jpg",
+    ]
+
+
+def test_non_images_are_skipped_broken_images_fail_and_deletes_keep_captions(
+    start_watcher: Callable[..., FolderWatcher], sqlite_store: CaptionRepository, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    watcher = start_watcher(inbox)
+    (inbox / "notes.txt").write_text("not an image")
+    (inbox / "broken.jpg").write_bytes(image_bytes(9, size=(200, 200))[:1500])
+    (inbox / "good.jpg").write_bytes(image_bytes(10))
+    wait_until(lambda: _count(sqlite_store) == 2, 30, "two results")
+    failed, _ = sqlite_store.query(CaptionFilter(status="failed"))
+    assert len(failed) == 1 and failed[0]["source_ref"].endswith("broken.jpg") and failed[0]["error"]
+    assert watcher.stats.skipped == 1
+    (inbox / "good.jpg").unlink()
+    sha = hashlib.sha256(image_bytes(10)).hexdigest()
+
+    def gone() -> bool:
+        image = sqlite_store.image(sha)
+        return image is not None and image["locations"][0]["gone_at"] is not None
+
+    wait_until(gone, 30, "the sighting to be marked gone")
+    assert _count(sqlite_store) == 2
+
+
+def test_a_restart_catches_up_without_recaptioning(
+    start_watcher: Callable[..., FolderWatcher], sqlite_store: CaptionRepository, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "old").mkdir(parents=True)
+    for i in range(10):
+        (inbox / "old" / f"{i}.jpg").write_bytes(image_bytes(2000 + i))
+    first = start_watcher(inbox)
+    wait_until(lambda: _count(sqlite_store) == 10, 60, "the first ten")
+    first.stop()
+    for i in range(20):  # arrive while the service is down
+        (inbox / f"new{i}.jpg").write_bytes(image_bytes(3000 + i))
+    second = start_watcher(inbox)
+    wait_until(lambda: _count(sqlite_store) == 30, 60, "the twenty new files")
+    time.sleep(1.0)
+    assert second.stats.submitted == 20  # the ten stored files were recognised, not re-read
+    # a file rewritten in place with new content is captioned again
+    (inbox / "old" / "0.jpg").write_bytes(image_bytes(4000))
+    wait_until(lambda: _count(sqlite_store) == 31, 30, "the rewritten file")

@@ -1,0 +1,389 @@
+"""The queue consumer against the real RabbitMQ, the real tiny-random model and a real store."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kombu import Connection, Consumer, Queue
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+
+from blip2_service.amqp_topology import Topology
+from blip2_service.consumer import QueueConsumer
+from blip2_service.domain import GenerationSettings
+from blip2_service.fetching import UrlFetcher
+from blip2_service.pipeline import CaptionPipeline
+from blip2_service.publisher import QueuePublisher
+from blip2_service.queue_protocol import REASON_HEADER
+from blip2_service.store import CaptionFilter, CaptionRepository, RetryPolicy, make_engine, upgrade
+from blip2_service.store.tables import captions
+
+from ..conftest import AMQP_URL, image_bytes, port_open, service_missing
+from ..tcp_proxy import TcpProxy
+
+FAST = GenerationSettings(num_beams=1, max_new_tokens=4)
+
+
+def _count(store: CaptionRepository) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(captions)).scalar_one())
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def broker() -> str:
+    if not port_open("127.0.0.1", 5672):
+        service_missing("RabbitMQ", AMQP_URL)
+    return AMQP_URL
+
+
+class Results:
+    """Collects what the service announces on the results exchange."""
+
+    def __init__(self, url: str, topology: Topology) -> None:
+        self.connection = Connection(url)
+        self.items: list[tuple[str, dict[str, Any]]] = []
+        channel = self.connection.channel()
+        topology.declare(channel)
+        self.queue = Queue(
+            f"{topology.queue_name}.test-results",
+            exchange=topology.results_exchange,
+            routing_key="caption.#",
+            auto_delete=True,
+        )
+        self.consumer = Consumer(channel, queues=[self.queue], callbacks=[self._on], accept=["json"])
+        self.consumer.consume()
+
+    def _on(self, body: Any, message: Any) -> None:
+        self.items.append((message.delivery_info["routing_key"], body))
+        message.ack()
+
+    def wait(self, n: int, timeout: float = 120) -> list[tuple[str, dict[str, Any]]]:
+        deadline = time.monotonic() + timeout
+        while len(self.items) < n and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                self.connection.drain_events(timeout=0.2)
+        return self.items
+
+    def close(self) -> None:
+        self.connection.release()
+
+
+@pytest.fixture
+def topology(broker: str) -> Iterator[Topology]:
+    name = f"blip2.test.{uuid.uuid4().hex[:8]}"
+    topo = Topology(name, f"{name}.results")
+    yield topo
+    with Connection(broker) as conn:
+        channel = conn.channel()
+        for queue_name in (topo.queue_name, topo.dead_name, f"{name}.test-results"):
+            try:
+                channel.queue_delete(queue_name)
+            except Exception:
+                channel = conn.channel()
+        for exchange in (topo.results_exchange_name, topo.dead_name):
+            try:
+                channel.exchange_delete(exchange)
+            except Exception:
+                channel = conn.channel()
+
+
+@pytest.fixture
+def results(broker: str, topology: Topology) -> Iterator[Results]:
+    collector = Results(broker, topology)
+    yield collector
+    collector.close()
+
+
+@pytest.fixture
+def publisher(broker: str, topology: Topology) -> Iterator[QueuePublisher]:
+    pub = QueuePublisher(broker, topology)
+    yield pub
+    pub.close()
+
+
+@pytest.fixture
+def start_consumer(
+    broker: str, topology: Topology, make_pipeline: Callable[..., CaptionPipeline]
+) -> Iterator[Callable[..., QueueConsumer]]:
+    made: list[QueueConsumer] = []
+
+    def start(store: CaptionRepository | None, prefetch: int = 32, **kw: Any) -> QueueConsumer:
+        consumer = QueueConsumer(
+            broker,
+            pipeline=make_pipeline(store, max_pending=128, batch_max_size=16),
+            topology=topology,
+            prefetch=prefetch,
+            generation=FAST,
+            max_file_size=10_000_000,
+            fetcher=UrlFetcher(timeout=5, max_bytes=10_000_000, allow_private=True),
+            retry_base=0.2,
+            retry_max=1.0,
+            **kw,
+        )
+        consumer.start()
+        made.append(consumer)
+        return consumer
+
+    yield start
+    for consumer in made:
+        consumer.stop(timeout=30)
+
+
+def _queue_depth(url: str, name: str) -> int:
+    with Connection(url) as conn:
+        _name, count, _consumers = conn.channel().queue_declare(name, passive=True)
+        return int(count)
+
+
+def test_a_hundred_requests_are_stored_and_announced_and_rpc_replies_match(
+    start_consumer: Callable[..., QueueConsumer],
+    sqlite_store: CaptionRepository,
+    publisher: QueuePublisher,
+    results: Results,
+    broker: str,
+    topology: Topology,
+    tmp_path: Path,
+) -> None:
+    start_consumer(sqlite_store)
+    for i in range(100):
+        if i % 2:
+            request = {"id": f"r{i}", "image_b64": base64.b64encode(image_bytes(500 + i)).decode()}
+        else:
+            path = tmp_path / f"{i}.jpg"
+            path.write_bytes(image_bytes(500 + i))
+            request = {"id": f"r{i}", "path": str(path)}
+        publisher.publish(request)
+    items = results.wait(100)
+    assert len(items) == 100
+    assert {key for key, _ in items} == {"caption.succeeded"}
+    assert {body["request"]["id"] for _, body in items} == {f"r{i}" for i in range(100)}
+    assert all(body["record_id"] and body["image_sha256"] and body["predictions"][0]["text"] for _, body in items)
+    wait_until(lambda: _count(sqlite_store) == 100, 30, "100 stored captions")
+    wait_until(lambda: _queue_depth(broker, topology.queue_name) == 0, 30, "an empty queue")
+
+    # RPC: reply_to + correlation_id
+    with Connection(broker) as conn:
+        reply = Queue(f"reply.{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True)
+        got: list[tuple[str, dict[str, Any]]] = []
+        consumer = Consumer(
+            conn.channel(),
+            queues=[reply],
+            accept=["json"],
+            callbacks=[lambda b, m: (got.append((m.properties["correlation_id"], b)), m.ack())],
+        )
+        consumer.consume()
+        publisher.publish(
+            {"id": "rpc", "image_b64": base64.b64encode(image_bytes(999)).decode()},
+            reply_to=reply.name,
+            correlation_id="corr-42",
+        )
+        deadline = time.monotonic() + 60
+        while not got and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=0.5)
+    assert got and got[0][0] == "corr-42"
+    assert got[0][1]["status"] == "success" and got[0][1]["request"]["id"] == "rpc"
+
+
+def test_bad_requests_are_dead_lettered_with_a_reason_and_announced(
+    start_consumer: Callable[..., QueueConsumer],
+    sqlite_store: CaptionRepository,
+    publisher: QueuePublisher,
+    results: Results,
+    broker: str,
+    topology: Topology,
+    tmp_path: Path,
+) -> None:
+    consumer = start_consumer(sqlite_store)
+    bad_bytes = image_bytes(77, size=(200, 200))[:1500]
+    with Connection(broker) as conn:
+        producer = conn.Producer()
+        producer.publish(
+            b"this is not json",
+            exchange="",
+            routing_key=topology.queue_name,
+            content_type="text/plain",
+            content_encoding="utf-8",
+        )
+    cases = [
+        {"id": "none"},
+        {"id": "both", "path": "/a.jpg", "url": "http://example.com/a.jpg"},
+        {"id": "missing", "path": str(tmp_path / "nope.jpg")},
+        {"id": "undecodable", "image_b64": base64.b64encode(bad_bytes).decode()},
+        {"id": "not-base64", "image_b64": "%%%"},
+        {"id": "refused-url", "url": "ftp://example.com/a.jpg"},
+    ]
+    for case in cases:
+        publisher.publish(case)
+    items = results.wait(7, timeout=60)
+    assert len(items) == 7
+    assert {key for key, _ in items} == {"caption.failed"}
+    assert all(body["status"] == "error" and body["error"]["message"] for _, body in items)
+
+    dead: list[tuple[dict[str, Any], bytes]] = []
+    with Connection(broker) as conn:
+        channel = conn.channel()
+        while True:
+            message = channel.basic_get(topology.dead_name, no_ack=True)
+            if message is None:
+                break
+            dead.append((message.headers, message.body))
+    assert len(dead) == 7
+    reasons = {headers[REASON_HEADER] for headers, _ in dead}
+    assert any("not JSON" in r for r in reasons)
+    assert any("Exactly one of path, url, image_b64" in r for r in reasons)
+    assert any("File not found" in r for r in reasons)
+    assert any("cannot be decoded" in r for r in reasons)
+    assert any("not valid base64" in r for r in reasons)
+    # the undecodable image is stored as failed with its reason
+    failed, _ = sqlite_store.query(CaptionFilter(status="failed"))
+    assert len(failed) == 1 and "cannot be decoded" in failed[0]["error"]
+    # and the consumer is still running
+    publisher.publish({"id": "after", "image_b64": base64.b64encode(image_bytes(78)).decode()})
+    items = results.wait(8, timeout=60)
+    assert items[-1][0] == "caption.succeeded"
+    assert consumer.health()["state"] == "connected"
+
+
+def test_a_store_outage_delays_but_loses_nothing(
+    start_consumer: Callable[..., QueueConsumer],
+    pg_url: str,
+    publisher: QueuePublisher,
+    results: Results,
+    broker: str,
+    topology: Topology,
+) -> None:
+    real = make_url(pg_url)
+    proxy = TcpProxy(real.host or "127.0.0.1", real.port or 5432)
+    proxy.start()
+    engine = make_engine(real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
+    upgrade(engine)
+    store = CaptionRepository(engine, RetryPolicy(attempts=2, first_delay=0.1))
+    consumer = start_consumer(store)
+    proxy.stop()  # Postgres connections refused from here on
+    for i in range(10):
+        publisher.publish({"id": f"o{i}", "image_b64": base64.b64encode(image_bytes(800 + i)).decode()})
+    wait_until(lambda: consumer.counts["retried"] >= 5, 60, "retries during the outage")
+    assert results.items == []  # nothing announced, nothing acked
+    proxy.start()
+    items = results.wait(10, timeout=120)
+    assert len(items) == 10 and {k for k, _ in items} == {"caption.succeeded"}
+    assert _count(store) == 10
+    wait_until(lambda: _queue_depth(broker, topology.queue_name) == 0, 30, "an empty queue")
+    assert _queue_depth(broker, topology.dead_name) == 0  # a passing failure is never dead-lettered
+    proxy.stop()
+    engine.dispose()
+
+
+# -- real processes ---------------------------------------------------------------------------
+
+
+def _consume_process(
+    tmp_path: Path, data_dir: Path, broker: str, topology: Topology, db_url: str, name: str
+) -> subprocess.Popen[bytes]:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "WATCH", "DATABASE"))},
+        "MODEL": "tiny-random",
+        "DTYPE": "float32",
+        "NUM_BEAMS": "1",
+        "MAX_NEW_TOKENS": "4",
+        "DATA_DIR": str(data_dir),
+        "DATABASE_URL": db_url,
+        "BROKER_URL": broker,
+        "QUEUE_NAME": topology.queue_name,
+        "RESULTS_EXCHANGE": topology.results_exchange_name,
+        "PREFETCH": "16",
+        "AUTO_UPDATE": "false",
+    }
+    log = (tmp_path / f"{name}.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "blip2_service.cli", "consume"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _publish_many(publisher: QueuePublisher, n: int, seed: int) -> None:
+    for i in range(n):
+        publisher.publish({"id": f"p{i}", "image_b64": base64.b64encode(image_bytes(seed + i, size=(40, 40))).decode()})
+
+
+def test_a_consumer_killed_mid_stream_loses_nothing_and_duplicates_nothing(
+    broker: str, topology: Topology, publisher: QueuePublisher, pg_url: str, data_dir: Path, tmp_path: Path
+) -> None:
+    engine = make_engine(pg_url)
+    upgrade(engine)
+    store = CaptionRepository(engine)
+    _publish_many(publisher, 200, seed=10_000)
+    first = _consume_process(tmp_path, data_dir, broker, topology, pg_url, "first")
+    try:
+        wait_until(lambda: _count(store) >= 40, 120, "some progress before the kill")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        killed_at = _count(store)
+        assert killed_at < 200
+        second = _consume_process(tmp_path, data_dir, broker, topology, pg_url, "second")
+        try:
+            wait_until(lambda: _count(store) == 200, 180, "all 200 stored")
+            wait_until(lambda: _queue_depth(broker, topology.queue_name) == 0, 60, "an empty queue")
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert _count(store) == 200  # the unique key: no caption twice
+    assert _queue_depth(broker, topology.dead_name) == 0
+    engine.dispose()
+
+
+def test_two_consumers_share_one_queue_and_caption_each_request_once(
+    broker: str,
+    topology: Topology,
+    publisher: QueuePublisher,
+    results: Results,
+    pg_url: str,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    engine = make_engine(pg_url)
+    upgrade(engine)
+    store = CaptionRepository(engine)
+    workers = [_consume_process(tmp_path, data_dir, broker, topology, pg_url, f"w{i}") for i in range(2)]
+    try:
+        time.sleep(8)  # both up before the burst, so both get work
+        _publish_many(publisher, 100, seed=20_000)
+        items = results.wait(100, timeout=180)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        codes = [w.wait(60) for w in workers]
+    assert codes == [0, 0]
+    assert len(items) == 100
+    assert sum(1 for _, body in items if body["metadata"]["cached"] is False) == 100
+    assert _count(store) == 100
+    logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
+    assert all("connected" in log for log in logs)
+    engine.dispose()
