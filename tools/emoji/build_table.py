@@ -29,6 +29,19 @@ MAX_KEYWORD_SHARE = 6
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
 
 
+_FUNCTION_WORDS = {"a", "an", "the", "with", "of", "on", "in", "at", "and", "or", "for", "to", "from", "by", "no"}
+_PEOPLE = {"man", "woman", "person", "men", "women", "people", "family", "couple", "kiss"}
+
+
+def _lemmas(word: str) -> list[str]:
+    from lemminflect import getLemma
+
+    out: list[str] = []
+    for upos in ("NOUN", "VERB"):
+        out += [lemma for lemma in getLemma(word, upos=upos) if lemma != word and lemma not in out]
+    return out
+
+
 def key_of(text: str) -> str:
     return "_".join(_WORD.findall(text.lower().replace("’", "'")))
 
@@ -71,7 +84,7 @@ def penalty(e: str, name: str) -> int:
     return 0
 
 
-def main() -> int:
+def main(out: Path = OUT) -> int:
     cldr = json.loads((HERE / "cldr-annotations-en.json").read_text())["annotations"]["annotations"]
     overrides = json.loads((HERE / "overrides.json").read_text())
     stop = {key_of(w) for w in overrides["stopwords"]}
@@ -82,6 +95,13 @@ def main() -> int:
 
     def offer(key: str, e: str, rank: int, name: str) -> None:
         if not key or key in stop or key.isdigit() or len(key) < 2:
+            return
+        words = key.split("_")
+        # Phrases that would swallow caption words: "man cook", "woman walking", "person
+        # surfing", "beach with umbrella". Captions say "a man cooking": two mappings.
+        if len(words) > 1 and (
+            words[0] in _PEOPLE or any(w in _FUNCTION_WORDS for w in words) or all(w in stop for w in words)
+        ):
             return
         score = (rank, penalty(e, name), len(name), ord(e[0]))
         if key not in best or score < best[key][0]:
@@ -110,6 +130,17 @@ def main() -> int:
             offer(kw, e, 3, name)
 
     table = {key: e for key, (_score, e) in best.items()}
+    # A keyword-only entry for an inflected form loses to its lemma's better entry:
+    # "mountains" is a keyword of 🌄, but "mountain" is named ⛰️.
+    preferred = {key_of(w) for w in overrides["prefer"]}
+    for key, (score, _e) in best.items():
+        if score[0] < 3 or "_" in key:
+            continue
+        for lemma in _lemmas(key):
+            lemma_score = best.get(lemma, ((9,), ""))[0]
+            if lemma in preferred or lemma_score[0] < 3:
+                table[key] = overrides["prefer"].get(lemma) or best[lemma][1]
+                break
     for word, e in overrides["prefer"].items():
         table[key_of(word)] = unicodedata.normalize("NFC", e)
     for word in stop:
@@ -123,11 +154,11 @@ def main() -> int:
         "table": dict(sorted(table.items())),
         "stopwords": sorted(stop),
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(payload, ensure_ascii=False, indent=0, sort_keys=False) + "\n")
-    print(f"wrote {OUT} with {len(table)} words and {len(stop)} stopwords")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, ensure_ascii=False, indent=0, sort_keys=False) + "\n")
+    print(f"wrote {out} with {len(table)} words and {len(stop)} stopwords")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT))

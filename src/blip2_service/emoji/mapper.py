@@ -17,12 +17,12 @@ _WORD_RE = re.compile(r"[a-z0-9]+(?:['’-][a-z0-9]+)*")
 _VARIATION_SELECTOR = "\ufe0f"
 
 
-def _lemmas_default(word: str) -> tuple[str, ...]:
+def _lemmas_default(word: str, upos_order: tuple[str, ...] = ("NOUN", "VERB")) -> tuple[str, ...]:
     """Noun lemma, then verb lemma (lemminflect ships its data; no download)."""
     from lemminflect import getLemma
 
     out: list[str] = []
-    for upos in ("NOUN", "VERB"):
+    for upos in upos_order:
         for lemma in getLemma(word, upos=upos, lemmatize_oov=True):
             lemma = lemma.lower()
             if lemma != word and lemma not in out:
@@ -44,6 +44,9 @@ class EmojiMapper:
         self._stop = frozenset(self.normalise_key(w) for w in stopwords)
         self._max_words = max((k.count("_") + 1 for k in self._table), default=1)
         self._lemmas = lru_cache(maxsize=65536)(lemmatizer)
+        self._noun_lemmas = lru_cache(maxsize=65536)(
+            (lambda w: _lemmas_default(w, ("NOUN",))) if lemmatizer is _lemmas_default else lemmatizer
+        )
 
     def __len__(self) -> int:
         return len(self._table)
@@ -66,6 +69,7 @@ class EmojiMapper:
         out: list[EmojiMapping] = []
         seen_words: set[str] = set()
         last_emoji: str | None = None
+        last_end = -1  # token index just after the previous mapped span
         i = 0
         while i < len(tokens):
             matched = False
@@ -78,11 +82,12 @@ class EmojiMapper:
                 # A phrase is named by its table entry ("teddy bears" -> teddy_bear); a single
                 # word as the caption wrote it ("flowers"), as the old service did.
                 word = key if size > 1 else span[0]
-                # Each word once; and "a dog and a puppy" should not show 🐶🐶.
-                if word not in seen_words and emoji != last_emoji:
+                # Each word once; and neighbouring words with one emoji ("laptop computer")
+                # show it once.
+                if word not in seen_words and not (emoji == last_emoji and i == last_end):
                     out.append(EmojiMapping(emoji=emoji, word=word))
                     seen_words.add(word)
-                    last_emoji = emoji
+                last_emoji, last_end = emoji, i + size
                 i += size
                 matched = True
                 break
@@ -99,8 +104,10 @@ class EmojiMapper:
         if hit is not None:
             return hit, written
         # Inflections live on the last word of a phrase: "teddy bears" -> "teddy_bear".
+        # Phrases are noun compounds: only a plural folds ("bus stopped" is not "bus_stop").
         head = span[:-1]
-        for lemma in self._lemmas(span[-1]):
+        lemmas = self._noun_lemmas(span[-1]) if head else self._lemmas(span[-1])
+        for lemma in lemmas:
             key = "_".join([*head, lemma])
             if key in self._stop:
                 return None
