@@ -152,6 +152,8 @@ class _Stats:
     failed: int = 0
     skipped: int = 0
     last_error: str | None = None
+    catch_up_seconds: float | None = None
+    catch_up_queued: int = 0
     observers: dict[str, str] = field(default_factory=dict)
 
 
@@ -193,6 +195,7 @@ class FolderWatcher:
         self.stats = _Stats()
         self._observers: list[Any] = []
         self._stop = threading.Event()
+        self.catch_up_done = threading.Event()
         self._worker = threading.Thread(target=self._run, name="watcher", daemon=True)
         self._skipped_logged: set[Path] = set()
         self._inflight: set[Future[CaptionResult]] = set()
@@ -278,6 +281,7 @@ class FolderWatcher:
             "in_flight": len(self._inflight),
             "captioned": self.stats.captioned,
             "failed": self.stats.failed,
+            "catch_up_seconds": self.stats.catch_up_seconds,
             "last_error": self.stats.last_error,
         }
 
@@ -341,7 +345,10 @@ class FolderWatcher:
                 except TransientError as exc:
                     log.warning("catch-up of %s without the store (%s): every file is re-checked", folder, exc.message)
             total += self.scan_folder(folder, known)
-        log.info("catch-up scan queued %d new or changed files in %.1fs", total, time.monotonic() - started)
+        self.stats.catch_up_queued = total
+        self.stats.catch_up_seconds = time.monotonic() - started
+        self.catch_up_done.set()
+        log.info("catch-up scan queued %d new or changed files in %.1fs", total, self.stats.catch_up_seconds)
 
     # -- work -----------------------------------------------------------------------------
 

@@ -193,21 +193,19 @@ def _non_word_tokens(tokenizer: Any, keep: set[int]) -> list[int]:
     return suppressed
 
 
-def build_full_random(path: Path, *, seed: int = 0) -> Path:
-    """BLIP-2 OPT-2.7b's published architecture with random weights (about 3.9 B parameters).
+def make_full_random(*, dtype: Any = None, seed: int = 0, work_dir: Path | None = None) -> tuple[Any, Any]:
+    """BLIP-2 OPT-2.7b's published architecture with random weights (about 3.9 B parameters), in memory.
 
-    Only for benchmarks: same shapes and FLOPs as the real checkpoint, no download.
-    The tokenizer is the tiny one: vocabulary size only changes the last matmul.
+    Only for benchmarks: the same shapes and FLOPs as the real checkpoint, no download.
+    The tokenizer is the tiny one (ids past its vocabulary decode to nothing): the
+    vocabulary only sizes the last matmul, which keeps OPT's 50272.
     """
-    marker = path / "full-random.json"
-    if marker.exists():
-        return path
-    if path.exists():
-        shutil.rmtree(path)
+    import tempfile as _tempfile
+
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
-    tiny_dir = build_tiny_random(path.parent / "tiny-random")
+    tiny_dir = build_tiny_random((work_dir or Path(_tempfile.gettempdir()) / "blip2-bench") / "tiny-random")
     processor = Blip2Processor.from_pretrained(tiny_dir)
     processor.num_query_tokens = 32
     processor.image_processor.size = {"height": 224, "width": 224}
@@ -242,10 +240,27 @@ def build_full_random(path: Path, *, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = Blip2ForConditionalGeneration(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model = model.to_empty(device="cpu").to(dtype or torch.float32)
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.02)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.eval()
+    return model, processor
+
+
+def build_full_random(path: Path, *, seed: int = 0) -> Path:
+    """`MODEL=full-random`: the in-memory build saved (bfloat16, about 8 GB) for `from_pretrained`."""
+    marker = path / "full-random.json"
+    if marker.exists():
+        return path
+    if path.exists():
+        shutil.rmtree(path)
+    import torch
+
+    model, processor = make_full_random(dtype=torch.bfloat16, seed=seed, work_dir=path.parent)
     staging = _staging(path)
     model.save_pretrained(staging)
     processor.save_pretrained(staging)

@@ -1,0 +1,246 @@
+"""Throughput of (a) the seed's way and (b) our pipeline, side by side in one run, on one machine.
+
+(a) seed:     one image per `generate` call, float32, the model's default processor per request.
+(b) pipeline: the real `CaptionPipeline.submit` path (decode from bytes, hash, preprocess on
+              worker threads, micro-batches, dtype auto, emoji mapping), no store.
+
+Same images, same generation settings (min_new_tokens = max_new_tokens, so random weights write
+as many tokens as a real caption), greedy and beam. Prints images/s, the ratio b/a, p50/p95
+latency and the share of (b)'s wall time spent outside `generate`.
+
+Models: tiny-random (pipeline overhead) and full-random (BLIP-2 OPT-2.7b's shapes, random
+weights; built in memory, measured and freed one dtype at a time: both do not fit in 24 GiB).
+
+Finishes in under 10 minutes on a 2-core CPU with the defaults:
+  .venv/bin/python bench/throughput.py --model tiny-random
+  .venv/bin/python bench/throughput.py --model full-random --decode greedy
+On a GPU: --device cuda (float16 for (b)); bench/gpu.sh runs the batch sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from blip2_service.captioner.holder import ModelHolder
+from blip2_service.captioner.loading import LoadedModel, load_model, pick_device, pick_dtype
+from blip2_service.captioner.tiny import make_full_random
+from blip2_service.domain import CaptionRequest, GenerationSettings, Source
+from blip2_service.emoji import EmojiMapper, load_bundled
+from blip2_service.metrics import Metrics
+from blip2_service.pipeline import CaptionPipeline, PipelineLimits
+
+WORK = Path("/tmp/blip2-bench")
+
+
+def jpeg(seed: int, size: int = 640) -> bytes:
+    """Photo-sized JPEGs, so decode and resize cost what they cost in production."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8)
+    image = Image.fromarray(base).resize((size, size * 3 // 4), Image.BILINEAR)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=88)
+    return out.getvalue()
+
+
+@dataclass
+class Run:
+    name: str
+    images: int
+    wall: float
+    latencies: list[float]
+    generate_time: float
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.wall
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+class GenerateTimer:
+    """Wraps model.generate to add up the time spent inside it (from whichever thread calls it)."""
+
+    def __init__(self, model: Any) -> None:
+        self.total = 0.0
+        self._inner = model.generate
+        self._lock = threading.Lock()
+        model.generate = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self._inner(*args, **kwargs)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            with self._lock:
+                self.total += time.perf_counter() - started
+
+
+def load(model_name: str, dtype: str, device: str) -> LoadedModel:
+    if model_name == "tiny-random":
+        return load_model("tiny-random", data_dir=WORK, dtype=dtype, device=device)
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    model, processor = make_full_random(dtype=torch_dtype, work_dir=WORK / "models")
+    model.to(torch_device)
+    processor.tokenizer.padding_side = "left"
+    return LoadedModel("full-random", "blip2", model, processor, torch_device, torch_dtype)
+
+
+def run_seed(loaded: LoadedModel, images: list[bytes], settings: GenerationSettings) -> Run:
+    """The legacy service's loop: decode, processor, generate, decode text; one image at a time."""
+    timer = GenerateTimer(loaded.model)
+    latencies = []
+    started = time.perf_counter()
+    for data in images:
+        t0 = time.perf_counter()
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        inputs = loaded.processor(images=image, return_tensors="pt").to(loaded.device, loaded.dtype)
+        with torch.no_grad():
+            out = loaded.model.generate(
+                **inputs,
+                max_new_tokens=settings.max_new_tokens,
+                min_new_tokens=settings.min_new_tokens,
+                num_beams=settings.num_beams,
+                do_sample=False,
+            )
+        loaded.processor.batch_decode(out, skip_special_tokens=True)
+        latencies.append(time.perf_counter() - t0)
+    return Run("a: seed", len(images), time.perf_counter() - started, latencies, timer.total)
+
+
+def run_pipeline(
+    loaded: LoadedModel, images: list[bytes], settings: GenerationSettings, batch: int, mapper: EmojiMapper
+) -> Run:
+    holder = ModelHolder(lambda: loaded)
+    holder.load_now()
+    timer = GenerateTimer(loaded.model)
+    pipeline = CaptionPipeline(
+        holder=holder,
+        mapper=mapper,
+        store=None,
+        limits=PipelineLimits(batch_max_size=batch, batch_max_wait_s=0.01, max_pending=4096),
+        metrics=Metrics(),
+    )
+    pipeline.start()
+    started = time.perf_counter()
+    submitted = [
+        (
+            time.perf_counter(),
+            pipeline.submit(CaptionRequest(Source.CLI, f"bench/{i}", data, settings, store=False), wait=True),
+        )
+        for i, data in enumerate(images)
+    ]
+    latencies = []
+    for t0, future in submitted:
+        future.result()
+        latencies.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - started
+    pipeline.stop()
+    loaded.model.generate = timer._inner
+    return Run(f"b: pipeline x{batch}", len(images), wall, latencies, timer.total)
+
+
+def report(label: str, a: Run, b: Run) -> None:
+    overhead = max(0.0, b.wall - b.generate_time) / b.wall
+    print(
+        f"{label:28s} a {a.rate:7.2f} img/s  b {b.rate:7.2f} img/s  b/a {b.rate / a.rate:5.1f}x  "
+        f"p50/p95 a {a.pct(0.5):6.2f}/{a.pct(0.95):6.2f}s  b {b.pct(0.5):6.2f}/{b.pct(0.95):6.2f}s  "
+        f"b outside generate {100 * overhead:4.1f}%",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny-random", "full-random"], default="tiny-random")
+    parser.add_argument("--decode", choices=["greedy", "beam", "both"], default="both")
+    parser.add_argument("--tokens", type=int, default=20, help="caption length (min = max)")
+    parser.add_argument("--batch", type=int, default=8, help="BATCH_MAX_SIZE for (b)")
+    parser.add_argument("--images", type=int, default=None, help="images for (b); (a) gets fewer on full-random")
+    parser.add_argument("--seed-images", type=int, default=None, help="images for (a)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="(b)'s dtype; (a) is always float32")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    full = args.model == "full-random"
+    n_b = args.images or (args.batch * (1 if full else 16))
+    n_a = args.seed_images or (2 if full else n_b)
+    images = [jpeg(i) for i in range(max(n_a, n_b))]
+    table = load_bundled()
+    mapper = EmojiMapper(table.table, table.stopwords)
+    modes = ["greedy", "beam"] if args.decode == "both" else [args.decode]
+    settings = {
+        m: GenerationSettings(
+            num_beams=1 if m == "greedy" else 5, max_new_tokens=args.tokens, min_new_tokens=args.tokens
+        )
+        for m in modes
+    }
+    device = pick_device(args.device)
+    print(
+        f"model {args.model}, device {device}, torch threads {torch.get_num_threads()}, "
+        f"(b) dtype {str(pick_dtype(args.dtype, device)).removeprefix('torch.')}, {args.tokens} tokens, "
+        f"(a) {n_a} images, (b) {n_b} images at batch {args.batch}",
+        flush=True,
+    )
+
+    seed_runs: dict[str, Run] = {}
+    pipe_runs: dict[str, Run] = {}
+    if not full:
+        # Small enough to hold both: alternate a and b, twice, keep the better of each.
+        seed_model = load(args.model, "float32", args.device)
+        ours = load(args.model, args.dtype, args.device)
+        for mode in modes:
+            run_seed(seed_model, images[:2], settings[mode])
+            run_pipeline(ours, images[: args.batch], settings[mode], args.batch, mapper)
+            for _ in range(2):
+                a = run_seed(seed_model, images[:n_a], settings[mode])
+                b = run_pipeline(ours, images[:n_b], settings[mode], args.batch, mapper)
+                seed_runs[mode] = max(seed_runs.get(mode, a), a, key=lambda r: r.rate)
+                pipe_runs[mode] = max(pipe_runs.get(mode, b), b, key=lambda r: r.rate)
+    else:
+        t0 = time.perf_counter()
+        seed_model = load(args.model, "float32", args.device)
+        print(f"built float32 model in {time.perf_counter() - t0:.0f}s", flush=True)
+        for mode in modes:
+            run_seed(seed_model, images[:1], GenerationSettings(num_beams=1, max_new_tokens=2, min_new_tokens=2))
+            seed_runs[mode] = run_seed(seed_model, images[:n_a], settings[mode])
+            print(f"  a {mode}: {seed_runs[mode].rate:.3f} img/s", flush=True)
+        del seed_model
+        gc.collect()
+        t0 = time.perf_counter()
+        ours = load(args.model, args.dtype, args.device)
+        print(f"built {args.dtype} model in {time.perf_counter() - t0:.0f}s", flush=True)
+        for mode in modes:
+            run_pipeline(
+                ours,
+                images[:2],
+                GenerationSettings(num_beams=1, max_new_tokens=2, min_new_tokens=2),
+                args.batch,
+                mapper,
+            )
+            pipe_runs[mode] = run_pipeline(ours, images[:n_b], settings[mode], args.batch, mapper)
+            print(f"  b {mode}: {pipe_runs[mode].rate:.3f} img/s", flush=True)
+    print()
+    for mode in modes:
+        report(f"{args.model} {mode} ({settings[mode].num_beams} beam)", seed_runs[mode], pipe_runs[mode])
+
+
+if __name__ == "__main__":
+    main()
