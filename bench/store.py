@@ -27,7 +27,41 @@ from blip2_service.domain import GenerationSettings
 from blip2_service.store import CaptionRepository, ImageInfo, NewCaption, Sighting, make_engine, upgrade
 from blip2_service.store.tables import captions, images
 
-WORDS = ["man", "woman", "dog", "cat", "surfboard", "wave", "beach", "pizza", "plate", "table", "bus", "street", "giraffe", "tree", "field", "train", "tracks", "kite", "sky", "horse", "elephant", "grass", "boy", "girl", "frisbee", "park", "bed", "teddy", "bear", "umbrella", "rain", "bench", "laptop"]
+WORDS = [
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "surfboard",
+    "wave",
+    "beach",
+    "pizza",
+    "plate",
+    "table",
+    "bus",
+    "street",
+    "giraffe",
+    "tree",
+    "field",
+    "train",
+    "tracks",
+    "kite",
+    "sky",
+    "horse",
+    "elephant",
+    "grass",
+    "boy",
+    "girl",
+    "frisbee",
+    "park",
+    "bed",
+    "teddy",
+    "bear",
+    "umbrella",
+    "rain",
+    "bench",
+    "laptop",
+]
 SETTINGS = GenerationSettings()
 
 

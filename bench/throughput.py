@@ -67,7 +67,7 @@ class Run:
 
     def pct(self, q: float) -> float:
         ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 class GenerateTimer:

@@ -2,13 +2,14 @@
 with the real tiny-random model and SQLite, at PREFETCH=1 and PREFETCH=32.
 
 Needs RabbitMQ on 127.0.0.1:5672. Finishes in about 2 minutes here:
-  .venv/bin/python bench/queue.py [--messages 500] [--broker amqp://guest:guest@127.0.0.1:5672//]
+  .venv/bin/python bench/queue_throughput.py [--messages 500] [--broker amqp://guest:guest@127.0.0.1:5672//]
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import tempfile
 import time
@@ -74,10 +75,8 @@ def run(broker: str, prefetch: int, messages: int, holder: ModelHolder, mapper: 
     t0 = time.perf_counter()
     worker.start()
     while len(got) < messages:
-        try:
+        with contextlib.suppress(TimeoutError):
             conn.drain_events(timeout=1)
-        except TimeoutError:
-            pass
     elapsed = time.perf_counter() - t0
     worker.stop()
     pipeline.stop()
