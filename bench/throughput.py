@@ -95,8 +95,7 @@ def load(model_name: str, dtype: str, device: str) -> LoadedModel:
         return load_model("tiny-random", data_dir=WORK, dtype=dtype, device=device)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
-    model, processor = make_full_random(dtype=torch_dtype, work_dir=WORK / "models")
-    model.to(torch_device)
+    model, processor = make_full_random(dtype=torch_dtype, work_dir=WORK / "models", device=torch_device)
     processor.tokenizer.padding_side = "left"
     return LoadedModel("full-random", "blip2", model, processor, torch_device, torch_dtype)
 
@@ -171,6 +170,8 @@ def main() -> None:
     parser.add_argument("--decode", choices=["greedy", "beam", "both"], default="both")
     parser.add_argument("--tokens", type=int, default=20, help="caption length (min = max)")
     parser.add_argument("--batch", type=int, default=8, help="BATCH_MAX_SIZE for (b)")
+    parser.add_argument("--batches", default=None,
+                        help="comma-separated BATCH_MAX_SIZEs to sweep for (b) on one built model, e.g. 1,8,32,64")
     parser.add_argument("--images", type=int, default=None, help="images for (b); (a) gets fewer on full-random")
     parser.add_argument("--seed-images", type=int, default=None, help="images for (a)")
     parser.add_argument("--device", default="cpu")

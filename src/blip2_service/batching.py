@@ -43,10 +43,20 @@ class MicroBatcher(Generic[T, R]):
         max_wait_s: float,
         name: str = "inference",
         on_batch: Callable[[int, float], None] | None = None,
+        incoming: Callable[[], int] | None = None,
+        max_hold_share: float = 0.25,
+        max_hold_s: float = 0.5,
     ) -> None:
         self._process = process
         self.max_size = max_size
         self.max_wait_s = max_wait_s
+        # Items accepted upstream and about to arrive (being decoded): worth holding a
+        # not-yet-full batch for, up to a share of what one batch costs. A burst then
+        # shares one forward pass instead of paying a whole extra batch for its first image.
+        self._incoming = incoming
+        self._max_hold_share = max_hold_share
+        self._max_hold_s = max_hold_s
+        self._batch_seconds = 0.0  # moving average of one batch's wall time
         self._queue: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._on_batch = on_batch
@@ -79,12 +89,21 @@ class MicroBatcher(Generic[T, R]):
             if first is _STOP:
                 break
             batch: list[_Item[T, R]] = [first]  # type: ignore[list-item]
-            deadline = time.monotonic() + self.max_wait_s
+            started = time.monotonic()
+            deadline = started + self.max_wait_s
+            hold_until = started + max(
+                self.max_wait_s, min(self._max_hold_s, self._max_hold_share * self._batch_seconds)
+            )
             while len(batch) < self.max_size:
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                if now >= deadline and self._incoming is not None and self._incoming() > 0 and now < hold_until:
+                    deadline = min(hold_until, now + 0.005)
+                remaining = deadline - now
                 try:
                     nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
+                    if self._incoming is not None and self._incoming() > 0 and time.monotonic() < hold_until:
+                        continue
                     break
                 if nxt is _STOP:
                     stopping = True
@@ -104,8 +123,10 @@ class MicroBatcher(Generic[T, R]):
                 item.future.set_exception(exc)
             return
         finally:
+            elapsed = time.perf_counter() - started
+            self._batch_seconds = elapsed if not self._batch_seconds else 0.7 * self._batch_seconds + 0.3 * elapsed
             if self._on_batch is not None:
-                self._on_batch(len(batch), time.perf_counter() - started)
+                self._on_batch(len(batch), elapsed)
         for item, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
                 item.future.set_exception(result)

@@ -86,7 +86,10 @@ class CaptionPipeline:
             max_size=limits.batch_max_size,
             max_wait_s=limits.batch_max_wait_s,
             on_batch=self.metrics.observe_batch,
+            incoming=lambda: self._preparing,
         )
+        self._preparing = 0  # accepted, not yet handed to the batcher (decoding, looking up)
+        self._preparing_lock = threading.Lock()
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -143,8 +146,19 @@ class CaptionPipeline:
         outer: Future[CaptionResult] = Future()
         outer.add_done_callback(self._release)
         started = time.perf_counter()
-        self._prepare.submit(self._guard, outer, self._prepare_stage, request, captioner, outer, started)
+        with self._preparing_lock:
+            self._preparing += 1
+        self._prepare.submit(self._guard, outer, self._prepare_then_count, request, captioner, outer, started)
         return outer
+
+    def _prepare_then_count(
+        self, request: CaptionRequest, captioner: Captioner, outer: Future[CaptionResult], started: float
+    ) -> None:
+        try:
+            self._prepare_stage(request, captioner, outer, started)
+        finally:
+            with self._preparing_lock:
+                self._preparing -= 1
 
     def ensure_ready(self) -> Captioner:
         """The captioner, or `ModelNotReady`/`Overloaded`: lets a door refuse before reading input."""

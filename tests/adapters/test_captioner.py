@@ -115,3 +115,28 @@ def test_a_checkpoint_without_num_query_tokens_is_refused(data_dir: Path, tmp_pa
     config_path.write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="num_query_tokens"):
         load_model(str(broken), device="cpu", dtype="float32", allow_download=False)
+
+
+def test_out_of_memory_splits_the_batch_instead_of_failing(captioner: Captioner, tiny_model: LoadedModel) -> None:
+    """A GPU's out-of-memory cannot happen here: the one fake in the suite raises it past 2 images."""
+    import torch
+
+    pixels = [captioner.preprocess(im) for im in _images(6, start=40)]
+    settings = [GenerationSettings(num_beams=1, max_new_tokens=6)] * 6
+    expected = captioner.caption_batch(pixels, settings)
+    real_generate = tiny_model.model.generate
+    sizes: list[int] = []
+
+    def small_memory_generate(*args: object, **kwargs: object) -> object:
+        batch = kwargs["pixel_values"].shape[0]  # type: ignore[union-attr]
+        sizes.append(batch)
+        if batch > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_generate(*args, **kwargs)
+
+    tiny_model.model.generate = small_memory_generate
+    try:
+        assert captioner.caption_batch(pixels, settings) == expected
+    finally:
+        tiny_model.model.generate = real_generate
+    assert sizes[0] == 6 and max(sizes[1:]) <= 3 and sum(s for s in sizes if s <= 2) == 6

@@ -193,7 +193,9 @@ def _non_word_tokens(tokenizer: Any, keep: set[int]) -> list[int]:
     return suppressed
 
 
-def make_full_random(*, dtype: Any = None, seed: int = 0, work_dir: Path | None = None) -> tuple[Any, Any]:
+def make_full_random(
+    *, dtype: Any = None, seed: int = 0, work_dir: Path | None = None, device: Any = "cpu"
+) -> tuple[Any, Any]:
     """BLIP-2 OPT-2.7b's published architecture with random weights (about 3.9 B parameters), in memory.
 
     Only for benchmarks: the same shapes and FLOPs as the real checkpoint, no download.
@@ -240,7 +242,8 @@ def make_full_random(*, dtype: Any = None, seed: int = 0, work_dir: Path | None 
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = Blip2ForConditionalGeneration(config)
-    model = model.to_empty(device="cpu").to(dtype or torch.float32)
+    # Materialise and fill on the target device: on a GPU that takes seconds, not minutes.
+    model = model.to(dtype or torch.float32).to_empty(device=device)
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.02)
