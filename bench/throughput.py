@@ -170,8 +170,11 @@ def main() -> None:
     parser.add_argument("--decode", choices=["greedy", "beam", "both"], default="both")
     parser.add_argument("--tokens", type=int, default=20, help="caption length (min = max)")
     parser.add_argument("--batch", type=int, default=8, help="BATCH_MAX_SIZE for (b)")
-    parser.add_argument("--batches", default=None,
-                        help="comma-separated BATCH_MAX_SIZEs to sweep for (b) on one built model, e.g. 1,8,32,64")
+    parser.add_argument(
+        "--batches",
+        default=None,
+        help="comma-separated BATCH_MAX_SIZEs to sweep for (b) on one built model, e.g. 1,8,32,64",
+    )
     parser.add_argument("--images", type=int, default=None, help="images for (b); (a) gets fewer on full-random")
     parser.add_argument("--seed-images", type=int, default=None, help="images for (a)")
     parser.add_argument("--device", default="cpu")
@@ -228,16 +231,26 @@ def main() -> None:
         t0 = time.perf_counter()
         ours = load(args.model, args.dtype, args.device)
         print(f"built {args.dtype} model in {time.perf_counter() - t0:.0f}s", flush=True)
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else [args.batch]
         for mode in modes:
-            run_pipeline(
-                ours,
-                images[:2],
-                GenerationSettings(num_beams=1, max_new_tokens=2, min_new_tokens=2),
-                args.batch,
-                mapper,
-            )
-            pipe_runs[mode] = run_pipeline(ours, images[:n_b], settings[mode], args.batch, mapper)
-            print(f"  b {mode}: {pipe_runs[mode].rate:.3f} img/s", flush=True)
+            for batch in batches:
+                n = args.images or batch
+                batch_images = (images + [jpeg(10_000 + i) for i in range(max(0, n - len(images)))])[:n]
+                # warm-up at the measured batch shape: oneDNN builds its kernels per shape
+                run_pipeline(
+                    ours,
+                    batch_images[:batch],
+                    GenerationSettings(num_beams=1, max_new_tokens=2, min_new_tokens=2),
+                    batch,
+                    mapper,
+                )
+                pipe_runs[f"{mode} x{batch}"] = run = run_pipeline(ours, batch_images, settings[mode], batch, mapper)
+                print(f"  b {mode} batch {batch}: {run.rate:.3f} img/s", flush=True)
+        print()
+        for key, run in pipe_runs.items():
+            mode = key.split()[0]
+            report(f"{args.model} {mode} ({settings[mode].num_beams} beam) {key.split()[1]}", seed_runs[mode], run)
+        return
     print()
     for mode in modes:
         report(f"{args.model} {mode} ({settings[mode].num_beams} beam)", seed_runs[mode], pipe_runs[mode])
