@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from blip2_service.captioner.holder import ModelHolder
-from blip2_service.captioner.loading import LoadedModel, load_model, pick_device, pick_dtype
+from blip2_service.captioner.loading import LoadedModel, load_model, optimize_for_device, pick_device, pick_dtype
 from blip2_service.captioner.tiny import make_full_random
 from blip2_service.domain import CaptionRequest, GenerationSettings, Source
 from blip2_service.emoji import EmojiMapper, load_bundled
@@ -41,6 +41,7 @@ from blip2_service.metrics import Metrics
 from blip2_service.pipeline import CaptionPipeline, PipelineLimits
 
 WORK = Path("/tmp/blip2-bench")
+args_no_prepack = [False]  # --no-prepack: measure (b) without the CPU weight prepacking
 
 
 def jpeg(seed: int, size: int = 640) -> bytes:
@@ -96,6 +97,8 @@ def load(model_name: str, dtype: str, device: str) -> LoadedModel:
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     model, processor = make_full_random(dtype=torch_dtype, work_dir=WORK / "models", device=torch_device)
+    if not args_no_prepack[0]:
+        optimize_for_device(model, torch_device, torch_dtype)
     processor.tokenizer.padding_side = "left"
     return LoadedModel("full-random", "blip2", model, processor, torch_device, torch_dtype)
 
@@ -180,7 +183,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="(b)'s dtype; (a) is always float32")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-prepack", action="store_true", help="(b) without prepacked bf16 CPU weights")
     args = parser.parse_args()
+    args_no_prepack[0] = args.no_prepack
     if args.threads:
         torch.set_num_threads(args.threads)
     full = args.model == "full-random"

@@ -18,7 +18,7 @@ from blip2_service.store import CaptionFilter, CaptionRepository
 from blip2_service.store.tables import captions, sightings
 from blip2_service.watcher import FolderWatcher
 
-from ..conftest import image_bytes
+from ..conftest import image_bytes, wait_until
 
 FAST = GenerationSettings(num_beams=1, max_new_tokens=4)
 
@@ -26,15 +26,6 @@ FAST = GenerationSettings(num_beams=1, max_new_tokens=4)
 def _count(store: CaptionRepository, table: Any = captions) -> int:
     with store.engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(params=[False, True], ids=["inotify", "polling"])
@@ -171,3 +162,44 @@ def test_a_restart_catches_up_without_recaptioning(
     # a file rewritten in place with new content is captioned again
     (inbox / "old" / "0.jpg").write_bytes(image_bytes(4000))
     wait_until(lambda: _count(sqlite_store) == 31, 30, "the rewritten file")
+
+
+def test_when_inotify_cannot_be_used_the_folder_is_polled_with_one_log_line(
+    make_pipeline: Callable[..., CaptionPipeline],
+    sqlite_store: CaptionRepository,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The inotify watch limit cannot be exhausted safely on a shared machine: this one fake
+    observer raises what watchdog raises then (ENOSPC), and the real polling observer takes over."""
+    import errno
+
+    import blip2_service.watcher as watcher_module
+
+    class ExhaustedInotify:
+        def schedule(self, *args: Any, **kwargs: Any) -> None:
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(watcher_module, "Observer", ExhaustedInotify)
+    inbox = tmp_path / "inbox"
+    watcher = FolderWatcher(
+        [inbox],
+        pipeline=make_pipeline(sqlite_store),
+        store=sqlite_store,
+        generation=FAST,
+        settle_seconds=0.3,
+        poll_interval=0.2,
+    )
+    watcher.start()
+    try:
+        (inbox / "x.jpg").write_bytes(image_bytes(55))
+        wait_until(lambda: _count(sqlite_store) == 1, 30, "the polled file")
+    finally:
+        watcher.stop()
+    assert watcher.health()["folders"] == {str(inbox.resolve()): "polling"}
+    lines = [r.message for r in caplog.records if "fs.inotify.max_user_watches" in r.message]
+    assert len(lines) == 1

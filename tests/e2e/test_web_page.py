@@ -68,8 +68,15 @@ def test_the_page_lists_searches_and_updates_live(served: tuple[str, Runtime]) -
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--no-first-run", "--disable-sync", "--disable-quic"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-sync",
+                "--disable-quic",
+            ],
         )
         page = browser.new_page()
         page.goto(url + "/")
@@ -90,7 +97,8 @@ def test_the_page_lists_searches_and_updates_live(served: tuple[str, Runtime]) -
         page.fill("#q", word)
         page.wait_for_function(
             "w => [...document.querySelectorAll('article.card .text')].every(e => e.textContent.includes(w))",
-            arg=word, timeout=10000,
+            arg=word,
+            timeout=10000,
         )
         assert page.locator("article.card").count() >= 1
         browser.close()

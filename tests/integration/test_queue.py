@@ -29,7 +29,7 @@ from blip2_service.queue_protocol import REASON_HEADER
 from blip2_service.store import CaptionFilter, CaptionRepository, RetryPolicy, make_engine, upgrade
 from blip2_service.store.tables import captions
 
-from ..conftest import AMQP_URL, image_bytes, port_open, service_missing
+from ..conftest import AMQP_URL, image_bytes, port_open, service_missing, wait_until
 from ..tcp_proxy import TcpProxy
 
 FAST = GenerationSettings(num_beams=1, max_new_tokens=4)
@@ -38,15 +38,6 @@ FAST = GenerationSettings(num_beams=1, max_new_tokens=4)
 def _count(store: CaptionRepository) -> int:
     with store.engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(captions)).scalar_one())
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="session")

@@ -73,9 +73,7 @@ def test_a_batch_waits_for_items_known_to_be_on_their_way() -> None:
         time.sleep(0.4)  # a slow model: holding 0.1 s for a fuller batch is worth it
         return list(items)
 
-    batcher: MicroBatcher[int, int] = MicroBatcher(
-        process, max_size=8, max_wait_s=0.005, incoming=lambda: incoming[0]
-    )
+    batcher: MicroBatcher[int, int] = MicroBatcher(process, max_size=8, max_wait_s=0.005, incoming=lambda: incoming[0])
     batcher.start()
     batcher.put(0).result(5)  # teaches the batcher what a batch costs
     incoming[0] = 3

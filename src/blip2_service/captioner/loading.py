@@ -143,9 +143,20 @@ def load_model(
         _check_blip2(net, processor, model)
     net.to(torch_device)
     net.eval()
+    optimize_for_device(net, torch_device, torch_dtype)
     processor.tokenizer.padding_side = "left"
     log.info("model %s loaded on %s as %s", model, torch_device, str(torch_dtype).removeprefix("torch."))
     return LoadedModel(model, kind, net, processor, torch_device, torch_dtype)
+
+
+def optimize_for_device(net: Any, device: Any, dtype: Any) -> None:
+    """Device-specific speed-ups that do not change results: prepacked bf16 weights on CPU."""
+    import torch
+
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        from .cpu_prepack import prepack_bf16_linears
+
+        prepack_bf16_linears(net)
 
 
 def _kind_of(model_type: str, source: str) -> str:

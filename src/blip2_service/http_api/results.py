@@ -96,42 +96,49 @@ async def list_captions(request: web.Request) -> web.Response:
     return json_response({"items": items, "next_cursor": next_cursor})
 
 
+async def _lookup(
+    request: web.Request, fetch: Callable[[CaptionRepository], T | None], missing: str
+) -> T | web.Response:
+    """Run one store read off the loop: 503 while the store is down, 404 when absent."""
+    store = _store(request)
+    try:
+        found = await _in_executor(partial(fetch, store))
+    except TransientError as exc:
+        return _problem(503, exc.message, exc.retry_after)
+    return _problem(404, missing) if found is None else found
+
+
+def _sha(request: web.Request) -> str | None:
+    sha = request.match_info["sha256"].lower()
+    return sha if _SHA_RE.match(sha) else None
+
+
+_BAD_SHA = "An image is named by the 64 hex digits of its sha256"
+
+
 async def get_caption(request: web.Request) -> web.Response:
     raw = request.match_info["id"]
     if not raw.isdigit():
         return _problem(400, f"caption id {raw!r} is not a number")
-    store = _store(request)
-    try:
-        item = await _in_executor(partial(store.get, int(raw)))
-    except TransientError as exc:
-        return _problem(503, exc.message, exc.retry_after)
-    if item is None:
-        return _problem(404, f"No caption with id {raw}")
-    return json_response(item)
+    item = await _lookup(request, lambda store: store.get(int(raw)), f"No caption with id {raw}")
+    return item if isinstance(item, web.Response) else json_response(item)
 
 
 async def get_image(request: web.Request) -> web.Response:
-    sha = request.match_info["sha256"].lower()
-    if not _SHA_RE.match(sha):
-        return _problem(400, "An image is named by the 64 hex digits of its sha256")
-    store = _store(request)
-    try:
-        info = await _in_executor(partial(store.image, sha))
-    except TransientError as exc:
-        return _problem(503, exc.message, exc.retry_after)
-    if info is None:
-        return _problem(404, f"No image with sha256 {sha}")
-    return json_response(info)
+    sha = _sha(request)
+    if sha is None:
+        return _problem(400, _BAD_SHA)
+    info = await _lookup(request, lambda store: store.image(sha), f"No image with sha256 {sha}")
+    return info if isinstance(info, web.Response) else json_response(info)
 
 
 async def get_thumbnail(request: web.Request) -> web.Response:
-    sha = request.match_info["sha256"].lower()
-    if not _SHA_RE.match(sha):
-        return _problem(400, "An image is named by the 64 hex digits of its sha256")
-    store = _store(request)
-    data = await _in_executor(partial(store.thumbnail, sha))
-    if data is None:
-        return _problem(404, f"No thumbnail for {sha}")
+    sha = _sha(request)
+    if sha is None:
+        return _problem(400, _BAD_SHA)
+    data = await _lookup(request, lambda store: store.thumbnail(sha), f"No thumbnail for {sha}")
+    if isinstance(data, web.Response):
+        return data
     return web.Response(
         body=data, content_type="image/jpeg", headers={"Cache-Control": "public, max-age=31536000, immutable"}
     )
