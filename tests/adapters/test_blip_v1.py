@@ -21,7 +21,22 @@ def tiny_blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor, PreTrainedTokenizerFast
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    words = ["a", "dog", "cat", "on", "the", "beach", "picture", "of", "man", "riding", "wave", "surfboard", "photo", "with"]
+    words = [
+        "a",
+        "dog",
+        "cat",
+        "on",
+        "the",
+        "beach",
+        "picture",
+        "of",
+        "man",
+        "riding",
+        "wave",
+        "surfboard",
+        "photo",
+        "with",
+    ]
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
