@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ class _Held:
     generation: int
     request: QueueRequest | None = None
     attempt: int = 0
-    started: float = field(default_factory=time.monotonic)
 
 
 class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]

@@ -26,6 +26,7 @@ from .domain import (
     CaptionError,
     CaptionRequest,
     CaptionResult,
+    EmojiMapping,
     GenerationSettings,
     ModelNotReady,
     Overloaded,
@@ -347,8 +348,10 @@ class CaptionPipeline:
         outer.set_result(result)
 
     def _from_item(self, item: dict[str, Any], started: float, *, cached: bool) -> CaptionResult:
+        """A result from a stored row: the first caption keeps the emojis stored with it."""
         texts = item["texts"] or [item["text"]]
-        predictions = [Prediction(t, tuple(self.mapper.map(t))) for t in texts]
+        stored = tuple(EmojiMapping(m["emoji"], m["word"]) for m in item["emoji_mappings"])
+        predictions = [Prediction(texts[0], stored)] + [Prediction(t, tuple(self.mapper.map(t))) for t in texts[1:]]
         return CaptionResult(
             status=item["status"],
             model=item["model"],

@@ -133,11 +133,8 @@ async def analyze(request: web.Request) -> web.Response:
     return await _analyze(request, "url", "file")
 
 
-async def analyze_v2_url(request: web.Request) -> web.Response:
-    return await _analyze(request, "image_url", "file_path")
-
-
-async def analyze_v2_file(request: web.Request) -> web.Response:
+async def analyze_v2(request: web.Request) -> web.Response:
+    """The old names: ?image_url= and ?file_path= (either route takes either)."""
     return await _analyze(request, "image_url", "file_path")
 
 
@@ -145,5 +142,5 @@ def add_routes(app: web.Application) -> None:
     for path in ("/analyze", "/v3/analyze"):
         app.router.add_get(path, analyze)
         app.router.add_post(path, analyze)
-    app.router.add_get("/v2/analyze", analyze_v2_url)
-    app.router.add_get("/v2/analyze_file", analyze_v2_file)
+    app.router.add_get("/v2/analyze", analyze_v2)
+    app.router.add_get("/v2/analyze_file", analyze_v2)
