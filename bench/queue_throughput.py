@@ -22,14 +22,14 @@ from PIL import Image
 
 from blip2_service.amqp_topology import Topology
 from blip2_service.captioner.holder import ModelHolder
-from blip2_service.captioner.loading import load_model
 from blip2_service.consumer import QueueConsumer
 from blip2_service.domain import GenerationSettings
-from blip2_service.emoji import EmojiMapper, load_bundled
+from blip2_service.emoji import EmojiMapper
 from blip2_service.fetching import UrlFetcher
 from blip2_service.pipeline import CaptionPipeline, PipelineLimits
 from blip2_service.publisher import QueuePublisher
 from blip2_service.store import CaptionRepository, make_engine, upgrade
+from tiny_setup import tiny_model_and_mapper
 
 SETTINGS = GenerationSettings(num_beams=1, max_new_tokens=8)
 
@@ -98,10 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
-        holder = ModelHolder(lambda: load_model("tiny-random", data_dir=tmp, device="cpu"))
-        holder.load_now()
-        table = load_bundled()
-        mapper = EmojiMapper(table.table, table.stopwords)
+        holder, mapper = tiny_model_and_mapper(tmp)
         rates = {}
         for prefetch in (1, 32):
             rates[prefetch] = run(args.broker, prefetch, args.messages, holder, mapper, tmp)

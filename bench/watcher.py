@@ -20,14 +20,12 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import func, insert, select
 
-from blip2_service.captioner.holder import ModelHolder
-from blip2_service.captioner.loading import load_model
 from blip2_service.domain import GenerationSettings
-from blip2_service.emoji import EmojiMapper, load_bundled
 from blip2_service.pipeline import CaptionPipeline, PipelineLimits
 from blip2_service.store import CaptionRepository, make_engine, upgrade
 from blip2_service.store.tables import captions, images, sightings
 from blip2_service.watcher import FolderWatcher
+from tiny_setup import tiny_model_and_mapper
 
 SETTINGS = GenerationSettings(num_beams=1, max_new_tokens=8)
 
@@ -44,19 +42,14 @@ def count(store: CaptionRepository) -> int:
 
 
 def main() -> None:
-    import argparse as _
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--stored", type=int, default=10_000)
     parser.add_argument("--polling", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
-        holder = ModelHolder(lambda: load_model("tiny-random", data_dir=tmp, device="cpu"))
-        holder.load_now()
-        table = load_bundled()
-        mapper = EmojiMapper(table.table, table.stopwords)
+        holder, mapper = tiny_model_and_mapper(tmp)
 
         # 1. end to end
         engine = make_engine(f"sqlite:///{tmp / 'e2e.db'}")
