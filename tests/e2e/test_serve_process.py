@@ -101,6 +101,13 @@ def test_serve_with_tiny_random_answers_curl_and_stops_cleanly(tmp_path: Path, d
     try:
         health = _wait_for(port, {"loaded", "failed"})
         assert health["status"] == "healthy", health
+        deadline = time.monotonic() + 30  # the watcher starts once the model is loaded
+        while "watch" not in health.get("sources", {}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            health = _get(f"http://127.0.0.1:{port}/health")[1]
+        watch = health["sources"]["watch"]
+        assert watch["state"] == "running" and watch["mode"] == "caption"
+        assert list(watch["folders"].values()) == ["inotify"]
         status, body = _post_multipart(f"http://127.0.0.1:{port}/v3/analyze", image_bytes(3))
         assert status == 200
         assert body["service"] == "blip2" and body["status"] == "success"

@@ -378,3 +378,46 @@ def test_two_consumers_share_one_queue_and_caption_each_request_once(
     logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
     assert all("connected" in log for log in logs)
     engine.dispose()
+
+
+def test_the_consumer_reconnects_after_the_broker_goes_away_and_loses_nothing(
+    make_pipeline: Callable[..., CaptionPipeline],
+    sqlite_store: CaptionRepository,
+    publisher: QueuePublisher,
+    results: Results,
+    broker: str,
+    topology: Topology,
+) -> None:
+    """The consumer reaches RabbitMQ through a proxy that the test cuts, as a broker restart would."""
+    real = Connection(broker)
+    proxy = TcpProxy(real.hostname or "127.0.0.1", real.port or 5672)
+    real.release()
+    proxy.start()
+    consumer = QueueConsumer(
+        f"amqp://guest:guest@127.0.0.1:{proxy.port}//",
+        pipeline=make_pipeline(sqlite_store, max_pending=64),
+        topology=topology,
+        prefetch=4,
+        generation=FAST,
+        max_file_size=10_000_000,
+        fetcher=UrlFetcher(timeout=5, max_bytes=10_000_000, allow_private=True),
+    )
+    consumer.start()
+    try:
+        wait_until(lambda: consumer.health()["state"] == "connected", 30, "the first connection")
+        for i in range(20):
+            publisher.publish({"id": f"c{i}", "image_b64": base64.b64encode(image_bytes(900 + i)).decode()})
+        wait_until(lambda: _count(sqlite_store) >= 3, 60, "some progress")
+        proxy.stop()  # every connection cut, new ones refused
+        wait_until(lambda: consumer.health()["state"] == "reconnecting", 30, "the consumer to notice")
+        time.sleep(2)
+        proxy.start()
+        wait_until(lambda: _count(sqlite_store) == 20, 120, "all twenty stored")
+        wait_until(lambda: _queue_depth(broker, topology.queue_name) == 0, 60, "an empty queue")
+        assert consumer.health()["state"] == "connected"
+        items = results.wait(20, timeout=60)
+        assert {body["request"]["id"] for _, body in items} >= {f"c{i}" for i in range(20)}
+        assert _queue_depth(broker, topology.dead_name) == 0
+    finally:
+        consumer.stop(timeout=30)
+        proxy.stop()

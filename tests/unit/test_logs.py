@@ -1,0 +1,24 @@
+import json
+import logging
+
+import pytest
+
+from blip2_service.logs import setup_logging
+
+
+def test_json_log_format_is_one_object_a_line(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("INFO", "json")
+    try:
+        logging.getLogger("blip2_service.test").info("hello %s", "world")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("blip2_service.test").exception("failed")
+        lines = capsys.readouterr().err.strip().splitlines()
+        first, second = json.loads(lines[0]), json.loads(lines[1])
+        assert first["message"] == "hello world" and first["level"] == "INFO"
+        assert first["logger"] == "blip2_service.test" and first["time"].endswith("Z")
+        assert second["level"] == "ERROR" and "ValueError: boom" in second["exception"]
+        assert len(lines) == 2  # the traceback stays inside its line
+    finally:
+        setup_logging("WARNING", "text")
