@@ -70,7 +70,7 @@ def test_a_batch_waits_for_items_known_to_be_on_their_way() -> None:
 
     def process(items: Sequence[int]) -> list[int]:
         sizes.append(len(items))
-        time.sleep(0.4)  # a slow model: holding 0.1 s for a fuller batch is worth it
+        time.sleep(0.8)  # a slow model: holding 0.2 s for a fuller batch is worth it
         return list(items)
 
     batcher: MicroBatcher[int, int] = MicroBatcher(process, max_size=8, max_wait_s=0.005, incoming=lambda: incoming[0])
