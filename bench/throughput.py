@@ -20,8 +20,11 @@ On a GPU: --device cuda (float16 for (b)); bench/gpu.sh runs the batch sweep.
 from __future__ import annotations
 
 import argparse
-import gc
+import dataclasses
 import io
+import json
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -183,6 +186,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="(b)'s dtype; (a) is always float32")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--phase", choices=["all", "a", "b"], default="all", help=argparse.SUPPRESS)
+    parser.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-prepack", action="store_true", help="(b) without prepacked bf16 CPU weights")
     args = parser.parse_args()
     args_no_prepack[0] = args.no_prepack
@@ -224,37 +229,45 @@ def main() -> None:
                 seed_runs[mode] = max(seed_runs.get(mode, a), a, key=lambda r: r.rate)
                 pipe_runs[mode] = max(pipe_runs.get(mode, b), b, key=lambda r: r.rate)
     else:
-        t0 = time.perf_counter()
-        seed_model = load(args.model, "float32", args.device)
-        print(f"built float32 model in {time.perf_counter() - t0:.0f}s", flush=True)
-        for mode in modes:
-            run_seed(seed_model, images[:1], GenerationSettings(num_beams=1, max_new_tokens=2, min_new_tokens=2))
-            seed_runs[mode] = run_seed(seed_model, images[:n_a], settings[mode])
-            print(f"  a {mode}: {seed_runs[mode].rate:.3f} img/s", flush=True)
-        del seed_model
-        gc.collect()
-        t0 = time.perf_counter()
-        ours = load(args.model, args.dtype, args.device)
-        print(f"built {args.dtype} model in {time.perf_counter() - t0:.0f}s", flush=True)
-        batches = [int(b) for b in args.batches.split(",")] if args.batches else [args.batch]
-        for mode in modes:
-            for batch in batches:
-                n = args.images or batch
-                batch_images = (images + [jpeg(10_000 + i) for i in range(max(0, n - len(images)))])[:n]
-                # warm-up at the measured batch shape: oneDNN builds its kernels per shape
-                run_pipeline(
-                    ours,
-                    batch_images[:batch],
-                    GenerationSettings(num_beams=1, max_new_tokens=2, min_new_tokens=2),
-                    batch,
-                    mapper,
+        # Each side in a process of its own: a 15 GB float32 model freed inside a process
+        # leaves its heap behind, and the other side would then be measured short of memory.
+        if args.phase == "all":
+            WORK.mkdir(parents=True, exist_ok=True)
+            for phase in ("a", "b"):
+                out = WORK / f"throughput-{phase}.json"
+                subprocess.run(
+                    [sys.executable, __file__, *sys.argv[1:], "--phase", phase, "--json-out", str(out)], check=True
                 )
-                pipe_runs[f"{mode} x{batch}"] = run = run_pipeline(ours, batch_images, settings[mode], batch, mapper)
-                print(f"  b {mode} batch {batch}: {run.rate:.3f} img/s", flush=True)
-        print()
-        for key, run in pipe_runs.items():
-            mode = key.split()[0]
-            report(f"{args.model} {mode} ({settings[mode].num_beams} beam) {key.split()[1]}", seed_runs[mode], run)
+                for key, run in json.loads(out.read_text()).items():
+                    (seed_runs if phase == "a" else pipe_runs)[key] = Run(**run)
+            print()
+            for key, run in pipe_runs.items():
+                mode = key.split()[0]
+                report(f"{args.model} {mode} ({settings[mode].num_beams} beam) {key.split()[1]}", seed_runs[mode], run)
+            return
+        runs: dict[str, Run] = {}
+        t0 = time.perf_counter()
+        if args.phase == "a":
+            seed_model = load(args.model, "float32", args.device)
+            print(f"built float32 model in {time.perf_counter() - t0:.0f}s", flush=True)
+            for mode in modes:
+                run_seed(seed_model, images[:1], GenerationSettings(num_beams=1, max_new_tokens=2, min_new_tokens=2))
+                runs[mode] = run_seed(seed_model, images[:n_a], settings[mode])
+                print(f"  a {mode}: {runs[mode].rate:.3f} img/s", flush=True)
+        else:
+            ours = load(args.model, args.dtype, args.device)
+            print(f"built {args.dtype} model in {time.perf_counter() - t0:.0f}s", flush=True)
+            batches = [int(b) for b in args.batches.split(",")] if args.batches else [args.batch]
+            for mode in modes:
+                for batch in batches:
+                    n = args.images or batch
+                    batch_images = (images + [jpeg(10_000 + i) for i in range(max(0, n - len(images)))])[:n]
+                    # warm-up at the measured batch shape: oneDNN builds its kernels per shape
+                    warm = GenerationSettings(num_beams=1, max_new_tokens=2, min_new_tokens=2)
+                    run_pipeline(ours, batch_images[:batch], warm, batch, mapper)
+                    runs[f"{mode} x{batch}"] = run = run_pipeline(ours, batch_images, settings[mode], batch, mapper)
+                    print(f"  b {mode} batch {batch}: {run.rate:.3f} img/s", flush=True)
+        Path(args.json_out).write_text(json.dumps({k: dataclasses.asdict(v) for k, v in runs.items()}))
         return
     print()
     for mode in modes:
