@@ -173,7 +173,7 @@ class CaptionPipeline:
         return captioner
 
     def caption(self, request: CaptionRequest, timeout: float | None = None) -> CaptionResult:
-        """Blocking convenience for threads (CLI, watcher)."""
+        """Blocking convenience for scripts and tests: submit, waiting for a slot, and wait for the result."""
         return self.submit(request, wait=True).result(timeout)
 
     def _release(self, _future: Future[CaptionResult]) -> None:
