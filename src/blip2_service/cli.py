@@ -129,7 +129,7 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from .domain import CaptionRequest, CaptionResult, GenerationSettings, Source
+    from .domain import CaptionRequest, CaptionResult, Source
     from .localfiles import read_file
     from .runtime import Runtime
 
@@ -139,8 +139,7 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     runtime = Runtime(settings)
     runtime.start(background_model=False)
-    defaults = GenerationSettings(settings.num_beams, settings.max_new_tokens, settings.min_new_tokens)
-    generation = dataclasses.replace(defaults, prompt=args.prompt or None)
+    generation = dataclasses.replace(settings.generation(), prompt=args.prompt or None)
     failures = 0
     pending: list[tuple[Path, Any]] = []
 

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .domain import GenerationSettings
+
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda|cuda:\d+)$")
 
 
@@ -145,6 +147,10 @@ class Settings(BaseSettings):
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"MIN_NEW_TOKENS={self.min_new_tokens} exceeds MAX_NEW_TOKENS={self.max_new_tokens}")
         return self
+
+    def generation(self) -> GenerationSettings:
+        """The configured generation settings (every door starts from these)."""
+        return GenerationSettings(self.num_beams, self.max_new_tokens, self.min_new_tokens)
 
     @property
     def host(self) -> str:

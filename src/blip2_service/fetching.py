@@ -17,6 +17,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
+from .config import Settings
 from .domain import PermanentError
 
 AddressPolicy = Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]
@@ -83,6 +84,12 @@ class UrlFetcher:
         self._forbidden: AddressPolicy = (lambda _ip: False) if allow_private else forbidden
         self.max_redirects = max_redirects
         self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UrlFetcher:
+        return cls(
+            timeout=settings.url_timeout, max_bytes=settings.max_file_size, allow_private=settings.allow_private_urls
+        )
 
     async def _client(self) -> aiohttp.ClientSession:
         if self._session is None:

@@ -111,7 +111,7 @@ class Runtime:
             pipeline=self.pipeline,
             holder=self.holder,
             store=self.store,
-            fetcher=UrlFetcher(timeout=s.url_timeout, max_bytes=s.max_file_size, allow_private=s.allow_private_urls),
+            fetcher=UrlFetcher.from_settings(s),
             metrics=self.metrics,
             mapper=self.mapper,
             file_roots=s.allowed_file_roots,
@@ -145,7 +145,7 @@ class Runtime:
         if consume and s.broker_url:
             from .consumer import QueueConsumer
 
-            consumer = QueueConsumer.from_settings(s, self.pipeline, self.store, self.metrics)
+            consumer = QueueConsumer.from_settings(s, self.pipeline, self.metrics)
             self.adapters.append(consumer)
             consumer.start()
 

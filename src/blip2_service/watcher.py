@@ -215,7 +215,7 @@ class FolderWatcher:
             settings.watch_dirs,
             pipeline=pipeline,
             store=store,
-            generation=GenerationSettings(settings.num_beams, settings.max_new_tokens, settings.min_new_tokens),
+            generation=settings.generation(),
             settle_seconds=settings.watch_settle_seconds,
             recursive=settings.watch_recursive,
             polling=settings.watch_polling,
@@ -382,10 +382,7 @@ class FolderWatcher:
         except FileMissing:
             return  # deleted while settling
         except CaptionError as exc:  # too large, unreadable: nothing to hash, so log it loudly
-            self.stats.failed += 1
-            self.stats.last_error = f"{path}: {exc.message}"
-            self.metrics.watch_files.labels("failed").inc()
-            log.error("skipping %s: %s", path, exc.message)
+            self._failed(path, exc.message, "failed", "skipping %s: %s")
             return
         if (stat.st_size, stat.st_mtime) != (size, mtime):
             self.tracker.touch(path)  # changed between stability and reading: wait again
@@ -406,20 +403,21 @@ class FolderWatcher:
             self._retry_later(path, exc.message)
             return
         if exc is not None:
-            self.stats.failed += 1
-            self.stats.last_error = f"{path}: {exc}"
-            self.metrics.watch_files.labels("error").inc()
-            log.error("captioning %s failed: %s", path, exc)
+            self._failed(path, str(exc), "error", "captioning %s failed: %s")
             return
         result = future.result()
         if result.ok:
             self.stats.captioned += 1
             self.metrics.watch_files.labels("captioned").inc()
         else:
-            self.stats.failed += 1
-            self.stats.last_error = f"{path}: {result.error}"
-            self.metrics.watch_files.labels("failed").inc()
-            log.warning("%s stored as failed: %s", path, result.error)
+            self._failed(path, result.error or "failed", "failed", "%s stored as failed: %s")
+
+    def _failed(self, path: Path, reason: str, outcome: str, message: str) -> None:
+        """One place counts a failure: /health's stats, the metric, the log line."""
+        self.stats.failed += 1
+        self.stats.last_error = f"{path}: {reason}"
+        self.metrics.watch_files.labels(outcome).inc()
+        log.warning(message, path, reason)
 
     def _retry_later(self, path: Path, reason: str) -> None:
         self.stats.last_error = f"{path}: {reason}"

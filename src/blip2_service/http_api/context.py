@@ -11,7 +11,6 @@ from aiohttp import web
 
 from ..captioner.holder import ModelHolder
 from ..config import Settings
-from ..domain import GenerationSettings
 from ..emoji.mapper import EmojiMapper
 from ..fetching import UrlFetcher
 from ..metrics import Metrics
@@ -30,12 +29,6 @@ class HttpContext:
     mapper: EmojiMapper
     file_roots: list[Path]
     health_extras: Callable[[], dict[str, Any]] = field(default=lambda: {})
-
-    def default_generation(self) -> GenerationSettings:
-        s = self.settings
-        return GenerationSettings(
-            num_beams=s.num_beams, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens
-        )
 
 
 CONTEXT = web.AppKey("blip2_context", HttpContext)

@@ -107,7 +107,7 @@ async def _analyze(request: web.Request, url_key: str, file_key: str) -> web.Res
     ctx = request.app[CONTEXT]
     started = time.perf_counter()
     try:
-        settings = generation_from_query(request.query, ctx.default_generation())
+        settings = generation_from_query(request.query, ctx.settings.generation())
         store = _flag(request.query, "store", True)
         refresh = _flag(request.query, "refresh", False)
         ctx.pipeline.ensure_ready()
