@@ -42,9 +42,13 @@ from .localfiles import read_file
 from .metrics import Metrics
 from .pipeline import CaptionPipeline
 from .queue_protocol import REASON_HEADER, BadRequestMessage, QueueRequest, decode_b64, parse_request, result_body
-from .store.repository import CaptionRepository
 
 log = logging.getLogger(__name__)
+
+# A few quick retries for a hiccup; past that the error reaches the consumer loop, which
+# reconnects (reporting "reconnecting" on /health) and lets the broker redeliver: kombu's
+# default would retry forever inside one publish, with the consumer looking "connected".
+_PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
 
 
 @dataclass(slots=True)
@@ -112,7 +116,6 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         cls,
         settings: Settings,
         pipeline: CaptionPipeline,
-        _store: CaptionRepository | None = None,
         metrics: Metrics | None = None,
     ) -> QueueConsumer:
         return cls(
@@ -120,13 +123,9 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
             pipeline=pipeline,
             topology=Topology(settings.queue_name, settings.results_exchange),
             prefetch=settings.prefetch,
-            generation=GenerationSettings(settings.num_beams, settings.max_new_tokens, settings.min_new_tokens),
+            generation=settings.generation(),
             max_file_size=settings.max_file_size,
-            fetcher=UrlFetcher(
-                timeout=settings.url_timeout,
-                max_bytes=settings.max_file_size,
-                allow_private=settings.allow_private_urls,
-            ),
+            fetcher=UrlFetcher.from_settings(settings),
             metrics=metrics,
         )
 
@@ -139,7 +138,17 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
 
     def _run(self) -> None:
         try:
-            self.run(safety_interval=0.05)
+            while not self.should_stop:
+                try:
+                    self.run(safety_interval=0.05)
+                except Exception as exc:
+                    # kombu's loop only survives the errors it knows as connection errors; an
+                    # ack or publish on a half-dead connection can raise others. The thread must
+                    # live: start over on a fresh connection (held messages are redelivered).
+                    self.state = "reconnecting"
+                    self.last_error = f"consumer: {type(exc).__name__}: {exc}"
+                    log.exception("queue consumer failed; reconnecting")
+                    time.sleep(1.0)
         finally:
             self.state = "stopped"
             self._stopped.set()
@@ -155,11 +164,8 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
             self._stopped.wait(5)
         self._io.shutdown(wait=False, cancel_futures=True)
 
-        async def close_fetcher() -> None:
-            await self.fetcher.close()
-
         if self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(close_fetcher(), self._loop).result(5)
+            asyncio.run_coroutine_threadsafe(self.fetcher.close(), self._loop).result(5)
             self._loop.call_soon_threadsafe(self._loop.stop)
         self.connection.release()
 
@@ -319,6 +325,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
             serializer="json",
             declare=[self.topology.results_exchange],
             retry=True,
+            retry_policy=_PUBLISH_RETRY,
         )
         reply_to = message.properties.get("reply_to")
         if reply_to:
@@ -329,6 +336,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
                 correlation_id=message.properties.get("correlation_id"),
                 serializer="json",
                 retry=True,
+                retry_policy=_PUBLISH_RETRY,
             )
         if not ok:
             reason = outcome.error or "failed"
@@ -343,6 +351,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
                 content_encoding=message.content_encoding or "binary",
                 declare=[self.topology.dead_queue],
                 retry=True,
+                retry_policy=_PUBLISH_RETRY,
             )
             self.last_error = reason
             log.warning("queue message dead-lettered: %s", reason)
