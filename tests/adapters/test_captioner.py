@@ -145,10 +145,10 @@ def test_out_of_memory_splits_the_batch_instead_of_failing(captioner: Captioner,
 def test_bf16_on_cpu_prepacks_linear_weights_without_changing_captions(data_dir: Path) -> None:
     import torch
 
-    from blip2_service.captioner.cpu_prepack import prepack_bf16_linears
+    from blip2_service.captioner.cpu_prepack import mkldnn_bf16_supported, prepack_bf16_linears
 
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch build has no oneDNN")
+    if not mkldnn_bf16_supported():
+        pytest.skip("oneDNN runs no bf16 on this CPU (no AVX-512): prepacking is off here")
     dense = load_model("tiny-random", data_dir=data_dir, dtype="bfloat16", device="cpu")
     # load_model prepacks bf16 on CPU; undo-free check: a second, dense copy built by hand
     assert any(type(m).__name__ == "PrepackedLinear" for m in dense.model.modules())
@@ -161,3 +161,19 @@ def test_bf16_on_cpu_prepacks_linear_weights_without_changing_captions(data_dir:
     assert prepack_bf16_linears(plain.model) > 0
     assert Captioner(plain).caption_batch(pixels, settings) == expected
     assert Captioner(dense).caption_batch(pixels, settings) == expected
+
+
+def test_bf16_asked_for_on_a_cpu_without_native_bf16_still_captions(data_dir: Path) -> None:
+    """DTYPE=bfloat16 on an AVX2-only CPU must caption (slowly), not crash in oneDNN."""
+    import torch
+
+    from blip2_service.captioner.cpu_prepack import mkldnn_bf16_supported
+
+    loaded = load_model("tiny-random", data_dir=data_dir, dtype="bfloat16", device="cpu")
+    packed = any(type(m).__name__ == "PrepackedLinear" for m in loaded.model.modules())
+    assert packed == mkldnn_bf16_supported()
+    assert loaded.dtype == torch.bfloat16
+    captioner = Captioner(loaded)
+    pixels = [captioner.preprocess(im) for im in _images(2, start=70)]
+    captions = captioner.caption_batch(pixels, [GenerationSettings(max_new_tokens=6, min_new_tokens=6)] * 2)
+    assert [len(c) for c in captions] == [1, 1] and all(c[0].split() for c in captions)

@@ -3,7 +3,7 @@
 A plain `nn.Linear` in bfloat16 makes oneDNN reorder the weight for AMX on every call; decoding
 one token touches every weight of the language model, so that reorder is paid billions of bytes
 at a time. Measured here (bench/RESULTS.md): 5-6 ms per 2560x10240 layer as `nn.Linear`,
-2.7-3.6 ms prepacked. Applied only on CPU, only to bfloat16 layers, only where oneDNN exists.
+2.7-3.6 ms prepacked. Applied only on CPU, only to bfloat16 layers, only where oneDNN runs bf16.
 """
 
 from __future__ import annotations
@@ -37,12 +37,26 @@ def _prepacked_linear_class() -> Any:
     return PrepackedLinear
 
 
+def mkldnn_bf16_supported() -> bool:
+    """Whether oneDNN runs bf16 linears on this CPU at all: without AVX-512 (an AVX2-only EPYC,
+    say) `mkldnn_linear` raises on the first call instead of falling back."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return False
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
 def prepack_bf16_linears(model: Any) -> int:
     """Swap every bfloat16 `nn.Linear` of `model` (on CPU) for a prepacked one; returns how many."""
     import torch
     from torch import nn
 
-    if not torch.backends.mkldnn.is_available():
+    if not mkldnn_bf16_supported():
         return 0
     cls = _prepacked_linear_class()
     targets = [
