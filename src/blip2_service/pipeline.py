@@ -12,11 +12,12 @@ in flight with the same settings is joined rather than captioned twice.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .batching import MicroBatcher
@@ -49,7 +50,10 @@ class PipelineLimits:
     batch_max_size: int = 16
     batch_max_wait_s: float = 0.010
     max_pending: int = 256
-    prepare_workers: int = 2
+    # JPEG decode and resize mostly release the GIL: a GPU eats images faster than two threads
+    # decode them, but every extra thread also competes with the launch-bound decode loop for the
+    # GIL, and on a 2-core CPU more threads would only fight torch's.
+    prepare_workers: int = field(default_factory=lambda: max(2, min(4, (os.cpu_count() or 2) // 2)))
     finish_workers: int = 2
 
 
