@@ -177,3 +177,19 @@ def test_bf16_asked_for_on_a_cpu_without_native_bf16_still_captions(data_dir: Pa
     pixels = [captioner.preprocess(im) for im in _images(2, start=70)]
     captions = captioner.caption_batch(pixels, [GenerationSettings(max_new_tokens=6, min_new_tokens=6)] * 2)
     assert [len(c) for c in captions] == [1, 1] and all(c[0].split() for c in captions)
+
+
+def test_cuda_attention_leaves_out_cudnn_and_cpu_is_untouched() -> None:
+    """cuDNN attention re-plans at every new decode shape (bench/RESULTS.md, GPU); the switch must
+    be scoped to `generate` and leave every other backend, and the CPU path, as they were."""
+    import torch
+
+    from blip2_service.captioner.generate import attention_kernels
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_kernels(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with attention_kernels(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
