@@ -44,7 +44,18 @@ from blip2_service.metrics import Metrics
 from blip2_service.pipeline import CaptionPipeline, PipelineLimits
 
 WORK = Path("/tmp/blip2-bench")
-args_no_prepack = [False]  # --no-prepack: measure (b) without the CPU weight prepacking
+
+
+@dataclass
+class Options:
+    """Knobs for (b) that the command line sets once (diagnostics, not settings users need)."""
+
+    no_prepack: bool = False  # measure (b) without the CPU weight prepacking
+    prepare_workers: int = 0  # 0: the pipeline's default
+    show_batches: bool = False
+
+
+options = Options()
 
 
 def jpeg(seed: int, size: int = 640) -> bytes:
@@ -100,10 +111,19 @@ def load(model_name: str, dtype: str, device: str) -> LoadedModel:
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     model, processor = make_full_random(dtype=torch_dtype, work_dir=WORK / "models", device=torch_device)
-    if not args_no_prepack[0]:
+    if not options.no_prepack:
         optimize_for_device(model, torch_device, torch_dtype)
     processor.tokenizer.padding_side = "left"
     return LoadedModel("full-random", "blip2", model, processor, torch_device, torch_dtype)
+
+
+def attention(model: Any) -> str:
+    """Which attention kernels the model runs (SDPA is what a GPU should get)."""
+    parts = []
+    for name in ("vision_config", "qformer_config", "text_config"):
+        sub = getattr(model.config, name, None)
+        parts.append(f"{name.split('_')[0]} {getattr(sub, '_attn_implementation', None)}")
+    return "attention: " + ", ".join(parts)
 
 
 def run_seed(loaded: LoadedModel, images: list[bytes], settings: GenerationSettings) -> Run:
@@ -134,13 +154,14 @@ def run_pipeline(
     holder = ModelHolder(lambda: loaded)
     holder.load_now()
     timer = GenerateTimer(loaded.model)
-    pipeline = CaptionPipeline(
-        holder=holder,
-        mapper=mapper,
-        store=None,
-        limits=PipelineLimits(batch_max_size=batch, batch_max_wait_s=0.01, max_pending=4096),
-        metrics=Metrics(),
-    )
+    limits = PipelineLimits(batch_max_size=batch, batch_max_wait_s=0.01, max_pending=4096)
+    if options.prepare_workers:
+        limits = dataclasses.replace(limits, prepare_workers=options.prepare_workers)
+    metrics = Metrics()
+    batches: list[tuple[int, float]] = []
+    observe = metrics.observe_batch
+    metrics.observe_batch = lambda size, seconds: (batches.append((size, seconds)), observe(size, seconds))  # type: ignore[method-assign]
+    pipeline = CaptionPipeline(holder=holder, mapper=mapper, store=None, limits=limits, metrics=metrics)
     pipeline.start()
     started = time.perf_counter()
     submitted = [
@@ -157,6 +178,8 @@ def run_pipeline(
     wall = time.perf_counter() - started
     pipeline.stop()
     loaded.model.generate = timer._inner
+    if options.show_batches:
+        print("    batches (size, seconds):", ", ".join(f"({n}, {t:.2f})" for n, t in batches), flush=True)
     return Run(f"b: pipeline x{batch}", len(images), wall, latencies, timer.total)
 
 
@@ -189,8 +212,15 @@ def main() -> None:
     parser.add_argument("--phase", choices=["all", "a", "b"], default="all", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-prepack", action="store_true", help="(b) without prepacked bf16 CPU weights")
+    parser.add_argument("--prepare-workers", type=int, default=0, help="(b)'s decode/preprocess threads (0: default)")
+    parser.add_argument("--show-batches", action="store_true", help="print each batch's size and seconds")
+    parser.add_argument("--switch-interval", type=float, default=0.0, help="sys.setswitchinterval (0: Python's 5 ms)")
     args = parser.parse_args()
-    args_no_prepack[0] = args.no_prepack
+    options.no_prepack = args.no_prepack
+    options.prepare_workers = args.prepare_workers
+    options.show_batches = args.show_batches
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     if args.threads:
         torch.set_num_threads(args.threads)
     full = args.model == "full-random"
@@ -256,7 +286,7 @@ def main() -> None:
                 print(f"  a {mode}: {runs[mode].rate:.3f} img/s", flush=True)
         else:
             ours = load(args.model, args.dtype, args.device)
-            print(f"built {args.dtype} model in {time.perf_counter() - t0:.0f}s", flush=True)
+            print(f"built {args.dtype} model in {time.perf_counter() - t0:.0f}s; {attention(ours.model)}", flush=True)
             batches = [int(b) for b in args.batches.split(",")] if args.batches else [args.batch]
             for mode in modes:
                 for batch in batches:
@@ -266,7 +296,11 @@ def main() -> None:
                     warm = GenerationSettings(num_beams=1, max_new_tokens=2, min_new_tokens=2)
                     run_pipeline(ours, batch_images[:batch], warm, batch, mapper)
                     runs[f"{mode} x{batch}"] = run = run_pipeline(ours, batch_images, settings[mode], batch, mapper)
-                    print(f"  b {mode} batch {batch}: {run.rate:.3f} img/s", flush=True)
+                    peak = ""
+                    if torch.cuda.is_available():
+                        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+                        torch.cuda.reset_peak_memory_stats()
+                    print(f"  b {mode} batch {batch}: {run.rate:.3f} img/s{peak}", flush=True)
         Path(args.json_out).write_text(json.dumps({k: dataclasses.asdict(v) for k, v in runs.items()}))
         return
     print()
