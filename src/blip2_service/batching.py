@@ -91,9 +91,10 @@ class MicroBatcher(Generic[T, R]):
             batch: list[_Item[T, R]] = [first]  # type: ignore[list-item]
             started = time.monotonic()
             deadline = started + self.max_wait_s
-            hold_until = started + max(
-                self.max_wait_s, min(self._max_hold_s, self._max_hold_share * self._batch_seconds)
-            )
+            # Before the first batch its cost is unknown: assume it is worth the longest hold, or a
+            # service's first burst (and every benchmark's) goes as one lonely image, then the rest.
+            expected = self._batch_seconds if self._batch_seconds else float("inf")
+            hold_until = started + max(self.max_wait_s, min(self._max_hold_s, self._max_hold_share * expected))
             while len(batch) < self.max_size:
                 now = time.monotonic()
                 if now >= deadline and self._incoming is not None and self._incoming() > 0 and now < hold_until:

@@ -89,3 +89,31 @@ def test_a_batch_waits_for_items_known_to_be_on_their_way() -> None:
     first.result(5)
     batcher.stop(5)
     assert sizes == [1, 4]  # without the hint: [1, 1, 3] or similar
+
+
+def test_the_first_batch_holds_for_a_burst_still_being_decoded() -> None:
+    """A fresh batcher knows no batch cost yet; a burst's first item must not go alone."""
+    sizes: list[int] = []
+    incoming = [4]
+
+    def process(items: Sequence[int]) -> list[int]:
+        sizes.append(len(items))
+        return list(items)
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        process, max_size=8, max_wait_s=0.005, max_hold_s=0.5, incoming=lambda: incoming[0]
+    )
+    batcher.start()
+    first = batcher.put(0)
+    incoming[0] -= 1
+
+    def arrive_late() -> None:
+        for i in (1, 2, 3):
+            time.sleep(0.03)
+            batcher.put(i)
+            incoming[0] -= 1
+
+    threading.Thread(target=arrive_late).start()
+    first.result(5)
+    batcher.stop(5)
+    assert sizes == [4]  # before: [1, 3] (the hold was only max_wait while the cost was unknown)
