@@ -126,6 +126,7 @@ def _consume(settings: Settings, _args: argparse.Namespace) -> int:
 
 def _caption(settings: Settings, args: argparse.Namespace) -> int:
     import dataclasses
+    from concurrent.futures import Future
 
     from tqdm import tqdm
 
@@ -168,7 +169,9 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
                 try:
                     data, stat = read_file(path.resolve(), settings.max_file_size)
                 except Exception as exc:
-                    emit(path, exc)
+                    unread: Future[CaptionResult] = Future()
+                    unread.set_exception(exc)  # reported in input order with the rest
+                    pending.append((path, unread))
                     bar.update()
                     continue
                 request = CaptionRequest(

@@ -72,6 +72,17 @@ def test_caption_prints_json_lines_and_stores(tmp_path: Path, data_dir: Path) ->
     assert _count(env["DATABASE_URL"]) == 3
     again = _cli("caption", str(photos / "a.jpg"), env=env, cwd=tmp_path)
     assert again.returncode == 0 and json.loads(again.stdout)["cached"] is True
+    # An unreadable path is reported in its place among the others, not as soon as it is read.
+    mixed = _cli(
+        "caption", str(photos / "a.jpg"), str(photos / "gone.jpg"), str(photos / "sub" / "b.png"), env=env, cwd=tmp_path
+    )
+    lines = [json.loads(line) for line in mixed.stdout.splitlines()]
+    assert [(Path(x["path"]).name, x["status"]) for x in lines] == [
+        ("a.jpg", "succeeded"),
+        ("gone.jpg", "failed"),
+        ("b.png", "succeeded"),
+    ]
+    assert mixed.returncode == 1
 
 
 def test_db_upgrade_and_help(tmp_path: Path, data_dir: Path) -> None:

@@ -103,7 +103,10 @@ def build_tiny_random(path: Path, *, seed: int = 0, image_size: int = 64, num_qu
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1200, special_tokens=_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=1200,
+        special_tokens=_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # it writes to stdout, which `caption` keeps for JSON lines
     )
     tok.train_from_iterator(_CORPUS * 4, trainer)
     bos = tok.token_to_id("</s>")
