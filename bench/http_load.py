@@ -56,8 +56,11 @@ async def _wait_healthy(url: str, timeout: float = 120) -> None:
     raise RuntimeError("server did not become healthy")
 
 
-async def _drive(url: str, clients: int, seconds: float, images: list[bytes]) -> tuple[int, int, list[float]]:
+async def _drive(
+    url: str, clients: int, seconds: float, images: list[bytes], starts: list[float] | None = None
+) -> tuple[int, int, list[float]]:
     latencies: list[float] = []
+    began = time.perf_counter()
     errors = 0
     stop_at = time.monotonic() + seconds
     connector = aiohttp.TCPConnector(limit=clients)
@@ -76,6 +79,8 @@ async def _drive(url: str, clients: int, seconds: float, images: list[bytes]) ->
                     await resp.read()
                     if resp.status == 200:
                         latencies.append(time.perf_counter() - t0)
+                        if starts is not None:
+                            starts.append(t0 - began)
                     else:
                         errors += 1
                 i += clients
@@ -105,21 +110,26 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--model", default="tiny-random")
+    parser.add_argument("--timeline", action="store_true", help="p50/p99/max per 5 s of request start time")
+    parser.add_argument("--batches", default="16,1", help="BATCH_MAX_SIZEs to run, e.g. 16 (ratio needs 16 and 1)")
     args = parser.parse_args()
     images = _images(256)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for batch in (16, 1):
+        for batch in [int(b) for b in args.batches.split(",")]:
             port = _free_port()
             proc = _serve(port, batch, args.model, Path(tmp))
             try:
                 url = f"http://127.0.0.1:{port}"
                 asyncio.run(_wait_healthy(url))
                 asyncio.run(_drive(url, 8, 3, images))  # warm-up
-                done, errors, lat = asyncio.run(_drive(url, args.clients, args.seconds, images))
+                starts: list[float] = []
+                done, errors, lat = asyncio.run(_drive(url, args.clients, args.seconds, images, starts))
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)
+            if args.timeline:
+                _print_timeline(starts, lat, args.seconds)
             lat.sort()
             rate = done / args.seconds
             results[batch] = rate
@@ -129,7 +139,21 @@ def main() -> None:
                 f"p99 {1000 * p99:7.1f} ms  errors {errors}  ({args.clients} clients, {args.seconds:.0f}s)",
                 flush=True,
             )
-    print(f"batching ratio (16 vs 1): {results[16] / results[1]:.2f}x")
+    if 16 in results and 1 in results:
+        print(f"batching ratio (16 vs 1): {results[16] / results[1]:.2f}x")
+
+
+def _print_timeline(starts: list[float], latencies: list[float], seconds: float) -> None:
+    """Where a tail comes from: a slow start, a stall, or spread evenly over the run."""
+    window = 5.0
+    for lo in np.arange(0.0, seconds, window):
+        chosen = sorted(lat for t, lat in zip(starts, latencies, strict=True) if lo <= t < lo + window)
+        if chosen:
+            p99 = chosen[min(len(chosen) - 1, int(0.99 * len(chosen)))]
+            print(
+                f"    started {lo:4.0f}-{lo + window:<4.0f}s: {len(chosen):5d} requests  "
+                f"p50 {1000 * statistics.median(chosen):7.1f}  p99 {1000 * p99:7.1f}  max {1000 * chosen[-1]:7.1f} ms"
+            )
 
 
 if __name__ == "__main__":
