@@ -138,9 +138,9 @@ def attention_kernels(device: Any) -> AbstractContextManager[Any]:
     """SDPA without its cuDNN backend on CUDA.
 
     cuDNN attention builds an execution plan for every new shape, and decoding makes a new one
-    at every step (the KV cache grows) for every new batch size: on an H200 a batch of 57 that
-    took 0.35 s with warm shapes took 1.3 s with new ones. Flash and memory-efficient attention
-    need no plans, and their results are the same attention.
+    at every step (the KV cache grows) for every new batch size: on an H200 a batch of 57 at new
+    shapes took 1.34 s where 64 at warm ones take 0.32 s (bench/RESULTS.md). Flash and
+    memory-efficient attention need no plans, and compute the same attention.
     """
     if device.type != "cuda":
         return contextlib.nullcontext()
