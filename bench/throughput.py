@@ -46,16 +46,24 @@ from blip2_service.pipeline import CaptionPipeline, PipelineLimits
 WORK = Path("/tmp/blip2-bench")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
-    """Knobs for (b) that the command line sets once (diagnostics, not settings users need)."""
+    """Diagnostic knobs for (b) from the command line (not settings users need)."""
 
-    no_prepack: bool = False  # measure (b) without the CPU weight prepacking
     prepare_workers: int = 0  # 0: the pipeline's default
     show_batches: bool = False
 
 
-options = Options()
+class RecordingMetrics(Metrics):
+    """The pipeline's metrics, also keeping each batch's size and seconds for --show-batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[tuple[int, float]] = []
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batches.append((size, seconds))
+        super().observe_batch(size, seconds)
 
 
 def jpeg(seed: int, size: int = 640) -> bytes:
@@ -105,13 +113,13 @@ class GenerateTimer:
                 self.total += time.perf_counter() - started
 
 
-def load(model_name: str, dtype: str, device: str) -> LoadedModel:
+def load(model_name: str, dtype: str, device: str, *, prepack: bool = True) -> LoadedModel:
     if model_name == "tiny-random":
         return load_model("tiny-random", data_dir=WORK, dtype=dtype, device=device)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     model, processor = make_full_random(dtype=torch_dtype, work_dir=WORK / "models", device=torch_device)
-    if not options.no_prepack:
+    if prepack:
         optimize_for_device(model, torch_device, torch_dtype)
     processor.tokenizer.padding_side = "left"
     return LoadedModel("full-random", "blip2", model, processor, torch_device, torch_dtype)
@@ -149,7 +157,12 @@ def run_seed(loaded: LoadedModel, images: list[bytes], settings: GenerationSetti
 
 
 def run_pipeline(
-    loaded: LoadedModel, images: list[bytes], settings: GenerationSettings, batch: int, mapper: EmojiMapper
+    loaded: LoadedModel,
+    images: list[bytes],
+    settings: GenerationSettings,
+    batch: int,
+    mapper: EmojiMapper,
+    options: Options,
 ) -> Run:
     holder = ModelHolder(lambda: loaded)
     holder.load_now()
@@ -157,10 +170,7 @@ def run_pipeline(
     limits = PipelineLimits(batch_max_size=batch, batch_max_wait_s=0.01, max_pending=4096)
     if options.prepare_workers:
         limits = dataclasses.replace(limits, prepare_workers=options.prepare_workers)
-    metrics = Metrics()
-    batches: list[tuple[int, float]] = []
-    observe = metrics.observe_batch
-    metrics.observe_batch = lambda size, seconds: (batches.append((size, seconds)), observe(size, seconds))  # type: ignore[method-assign]
+    metrics = RecordingMetrics()
     pipeline = CaptionPipeline(holder=holder, mapper=mapper, store=None, limits=limits, metrics=metrics)
     pipeline.start()
     started = time.perf_counter()
@@ -179,7 +189,7 @@ def run_pipeline(
     pipeline.stop()
     loaded.model.generate = timer._inner
     if options.show_batches:
-        print("    batches (size, seconds):", ", ".join(f"({n}, {t:.2f})" for n, t in batches), flush=True)
+        print("    batches (size, seconds):", ", ".join(f"({n}, {t:.2f})" for n, t in metrics.batches), flush=True)
     return Run(f"b: pipeline x{batch}", len(images), wall, latencies, timer.total)
 
 
@@ -216,9 +226,7 @@ def main() -> None:
     parser.add_argument("--show-batches", action="store_true", help="print each batch's size and seconds")
     parser.add_argument("--switch-interval", type=float, default=0.0, help="sys.setswitchinterval (0: Python's 5 ms)")
     args = parser.parse_args()
-    options.no_prepack = args.no_prepack
-    options.prepare_workers = args.prepare_workers
-    options.show_batches = args.show_batches
+    options = Options(prepare_workers=args.prepare_workers, show_batches=args.show_batches)
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if args.threads:
@@ -249,13 +257,13 @@ def main() -> None:
     if not full:
         # Small enough to hold both: alternate a and b, twice, keep the better of each.
         seed_model = load(args.model, "float32", args.device)
-        ours = load(args.model, args.dtype, args.device)
+        ours = load(args.model, args.dtype, args.device, prepack=not args.no_prepack)
         for mode in modes:
             run_seed(seed_model, images[:2], settings[mode])
-            run_pipeline(ours, images[: args.batch], settings[mode], args.batch, mapper)
+            run_pipeline(ours, images[: args.batch], settings[mode], args.batch, mapper, options)
             for _ in range(2):
                 a = run_seed(seed_model, images[:n_a], settings[mode])
-                b = run_pipeline(ours, images[:n_b], settings[mode], args.batch, mapper)
+                b = run_pipeline(ours, images[:n_b], settings[mode], args.batch, mapper, options)
                 seed_runs[mode] = max(seed_runs.get(mode, a), a, key=lambda r: r.rate)
                 pipe_runs[mode] = max(pipe_runs.get(mode, b), b, key=lambda r: r.rate)
     else:
@@ -285,7 +293,7 @@ def main() -> None:
                 runs[mode] = run_seed(seed_model, images[:n_a], settings[mode])
                 print(f"  a {mode}: {runs[mode].rate:.3f} img/s", flush=True)
         else:
-            ours = load(args.model, args.dtype, args.device)
+            ours = load(args.model, args.dtype, args.device, prepack=not args.no_prepack)
             print(f"built {args.dtype} model in {time.perf_counter() - t0:.0f}s; {attention(ours.model)}", flush=True)
             batches = [int(b) for b in args.batches.split(",")] if args.batches else [args.batch]
             for mode in modes:
@@ -294,8 +302,9 @@ def main() -> None:
                     batch_images = (images + [jpeg(10_000 + i) for i in range(max(0, n - len(images)))])[:n]
                     # warm-up at the measured batch shape: oneDNN builds its kernels per shape
                     warm = GenerationSettings(num_beams=1, max_new_tokens=2, min_new_tokens=2)
-                    run_pipeline(ours, batch_images[:batch], warm, batch, mapper)
-                    runs[f"{mode} x{batch}"] = run = run_pipeline(ours, batch_images, settings[mode], batch, mapper)
+                    run_pipeline(ours, batch_images[:batch], warm, batch, mapper, options)
+                    run = run_pipeline(ours, batch_images, settings[mode], batch, mapper, options)
+                    runs[f"{mode} x{batch}"] = run
                     peak = ""
                     if torch.cuda.is_available():
                         peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
