@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(30, ge=1, le=512)
     min_new_tokens: int = Field(1, ge=0, le=512)
     torch_threads: int = Field(0, ge=0, le=1024)
+    compile: Literal["auto", "on", "off"] = "auto"
+    compile_buckets: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
 
     # Batching
     batch_max_size: int = Field(16, ge=1, le=256)
@@ -115,6 +117,23 @@ class Settings(BaseSettings):
     @classmethod
     def _cors(cls, value: Any) -> list[str]:
         return _split_csv(value)
+
+    @field_validator("compile_buckets", mode="before")
+    @classmethod
+    def _buckets(cls, value: Any) -> list[int]:
+        parts = _split_csv(value)
+        try:
+            sizes = sorted({int(part) for part in parts})
+        except ValueError:
+            raise ValueError("expected batch sizes separated by ',', e.g. 1,2,4,8,16") from None
+        if not sizes or sizes[0] < 1 or sizes[-1] > 1024:
+            raise ValueError("expected batch sizes from 1 to 1024 separated by ','")
+        return sizes
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("log_level", mode="before")
     @classmethod

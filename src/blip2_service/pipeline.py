@@ -173,6 +173,11 @@ class CaptionPipeline:
         if captioner is None:
             if self.holder.status == "failed":
                 raise ModelNotReady(f"The model failed to load: {self.holder.error}", retry_after=60)
+            if self.holder.status == "warming":
+                raise ModelNotReady(
+                    "The model is warming up (preparing its compiled decode step); retry in a few seconds",
+                    retry_after=10,
+                )
             raise ModelNotReady("The model is still loading; retry in a few seconds", retry_after=10)
         return captioner
 

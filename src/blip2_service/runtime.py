@@ -10,14 +10,17 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from aiohttp import web
 
+from .captioner.generate import Captioner
 from .captioner.holder import ModelHolder
-from .captioner.loading import load_model, resolve_model_id
+from .captioner.loading import LoadedModel, load_model, resolve_model_id
+from .captioner.static_decode import make_decoder
 from .config import ConfigError, Settings
 from .emoji import build_mapper
 from .fetching import UrlFetcher
@@ -28,6 +31,24 @@ from .pipeline import CaptionPipeline, PipelineLimits
 from .store import CaptionRepository, make_engine, upgrade
 
 log = logging.getLogger(__name__)
+
+
+def prepare_captioner(loaded: LoadedModel, *, settings: Settings) -> Captioner:
+    """The captioner for these settings: with the static decoder (COMPILE) warmed for every bucket."""
+    decoder = make_decoder(
+        loaded,
+        mode=settings.compile,
+        buckets=settings.compile_buckets,
+        batch_max_size=settings.batch_max_size,
+        max_new_tokens=settings.max_new_tokens,
+    )
+    captioner = Captioner(loaded, decoder=decoder)
+    if decoder is not None:
+        log.info("warming the compiled decode step for batch buckets %s", ",".join(map(str, decoder.buckets)))
+        started = time.perf_counter()
+        captioner.warm_up(settings.generation())
+        log.info("decode warmed: %d buckets in %.1fs", len(decoder.buckets), time.perf_counter() - started)
+    return captioner
 
 
 class Runtime:
@@ -47,7 +68,8 @@ class Runtime:
                 model_dir=settings.model_dir,
                 data_dir=settings.data_dir,
                 allow_download=settings.model_download,
-            )
+            ),
+            partial(prepare_captioner, settings=settings),
         )
         self.pipeline = CaptionPipeline(
             holder=self.holder,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -19,13 +21,16 @@ from PIL import Image
 
 from ..domain import GenerationSettings
 from .loading import LoadedModel
+from .static_decode import StaticDecoder, TokenRules, unsupported_reason
 
 log = logging.getLogger(__name__)
 
 
 class Captioner:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, *, decoder: StaticDecoder | None = None) -> None:
+        """`decoder`: the static-cache decode loop (COMPILE); without it every batch goes to `generate`."""
         self.loaded = loaded
+        self.decoder = decoder
         self._model = loaded.model
         self._processor = loaded.processor
         self._tokenizer = loaded.processor.tokenizer
@@ -104,20 +109,89 @@ class Captioner:
         prompts = [item.prompt or "" for item in settings]
         if any(prompts):
             inputs.update(self._encode_prompts(prompts, device))
-        with torch.inference_mode(), attention_kernels(device):
-            # BLIP-2 hands generation to its language model, whose own generation config
-            # would otherwise replace the checkpoint's (suppressed tokens, special ids).
-            config = copy.deepcopy(self._generation_config)
-            config.update(**kwargs)
-            output = self._model.generate(**inputs, generation_config=config)
-        if self._is_decoder_only:
-            prompt_len = inputs["input_ids"].shape[1] if "input_ids" in inputs else len(self._image_token_ids) + 1
-            output = output[:, prompt_len:]
+        # BLIP-2 hands generation to its language model, whose own generation config
+        # would otherwise replace the checkpoint's (suppressed tokens, special ids).
+        config = copy.deepcopy(self._generation_config)
+        config.update(**kwargs)
+        output = self._generate_static(inputs, config, first) if self._static_fits(first, config) else None
+        if output is None:
+            with torch.inference_mode(), attention_kernels(device):
+                output = self._model.generate(**inputs, generation_config=config)
+            if self._is_decoder_only:
+                prompt_len = inputs["input_ids"].shape[1] if "input_ids" in inputs else len(self._image_token_ids) + 1
+                output = output[:, prompt_len:]
         texts = [t.strip() for t in self._tokenizer.batch_decode(output, skip_special_tokens=True)]
         if self.loaded.kind == "blip" and first.prompt:
             texts = [_strip_prefix(t, first.prompt) for t in texts]
         n = first.num_captions if first.sampled else 1
         return [texts[i * n : (i + 1) * n] for i in range(len(pixels))]
+
+    def _static_fits(self, first: GenerationSettings, config: Any) -> bool:
+        return (
+            self.decoder is not None
+            and self._is_decoder_only
+            and not first.sampled
+            and unsupported_reason(config) is None
+        )
+
+    def _generate_static(self, inputs: dict[str, Any], config: Any, first: GenerationSettings) -> Any:
+        """New tokens from the static decoder, or None when the prompt leaves it no room (then `generate`)."""
+        import torch
+
+        decoder = self.decoder
+        assert decoder is not None
+        pixel_values = inputs["pixel_values"]
+        batch = pixel_values.shape[0]
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            start = [*self._image_token_ids, self._model.config.text_config.bos_token_id]
+            input_ids = torch.tensor([start], dtype=torch.long, device=pixel_values.device).repeat(batch, 1)
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not decoder.fits(input_ids.shape[1], first.max_new_tokens):
+            return None
+        rules = TokenRules.from_generation_config(config)
+        with torch.inference_mode(), attention_kernels(self.loaded.device):
+            features = self._model.get_image_features(pixel_values=pixel_values).pooler_output
+            embeds = self._model.get_input_embeddings()(input_ids)
+            image_slots = (input_ids == self._model.config.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))
+            outputs = []
+            for start_row in range(0, batch, decoder.largest):
+                rows = slice(start_row, start_row + decoder.largest)
+                tokens = decoder.generate(
+                    embeds[rows],
+                    attention_mask[rows],
+                    rules=rules,
+                    num_beams=first.num_beams,
+                    max_new_tokens=first.max_new_tokens,
+                    min_new_tokens=first.min_new_tokens,
+                )
+                outputs.extend(tokens.unbind(0))
+        return torch.nn.utils.rnn.pad_sequence(outputs, batch_first=True, padding_value=rules.pad)
+
+    def warm_up(self, settings: GenerationSettings) -> int:
+        """Run every bucket once (largest first) so no request pays for compiling or recording a graph.
+
+        Returns how many buckets were warmed (0 without a static decoder).
+        """
+        import torch
+
+        decoder = self.decoder
+        if decoder is None or not self._is_decoder_only:
+            return 0
+        size = self._image_processor.size
+        height, width = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+        # A few tokens are enough: the captured step does not depend on how many follow.
+        short = dataclasses.replace(settings, prompt=None, num_captions=1, max_new_tokens=4, min_new_tokens=4)
+        for bucket in reversed(decoder.buckets):
+            pixels = [torch.zeros(3, height, width)] * bucket
+            started = time.perf_counter()
+            for _ in range(3):  # compile, warm, record (CUDA graphs replay from the third call on)
+                self._generate(pixels, [short] * bucket)
+            log.info("decode bucket %d warmed in %.1fs", bucket, time.perf_counter() - started)
+        return len(decoder.buckets)
 
     def _encode_prompts(self, prompts: list[str], device: Any) -> dict[str, Any]:
         """Tokenise prompts the way `Blip2Processor` does: query-token placeholders, then left-padded text."""

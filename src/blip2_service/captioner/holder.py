@@ -1,9 +1,14 @@
-"""Loads the model in the background so the service answers /health while weights load (or fail)."""
+"""Loads the model in the background so the service answers /health while weights load (or fail).
+
+Two phases: `loading` (weights) and `warming` (the compiled decode step recorded for every batch
+bucket, COMPILE); the captioner is handed out only after both, so no request pays for either.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -12,12 +17,17 @@ from .loading import LoadedModel, ModelLoadError
 
 log = logging.getLogger(__name__)
 
-Status = Literal["loading", "loaded", "failed"]
+Status = Literal["loading", "warming", "loaded", "failed"]
 
 
 class ModelHolder:
-    def __init__(self, loader: Callable[[], LoadedModel]) -> None:
+    def __init__(
+        self, loader: Callable[[], LoadedModel], prepare: Callable[[LoadedModel], Captioner] = Captioner
+    ) -> None:
+        """`prepare` turns the loaded weights into a ready captioner (building and warming its decoder)."""
         self._loader = loader
+        self._prepare = prepare
+        self.warm_seconds: float | None = None
         self._ready = threading.Event()
         self.status: Status = "loading"
         self.error: str | None = None
@@ -42,7 +52,12 @@ class ModelHolder:
 
     def _load(self) -> None:
         try:
-            self.captioner = Captioner(self._loader())
+            loaded = self._loader()
+            self.status = "warming"
+            started = time.perf_counter()
+            captioner = self._prepare(loaded)
+            self.warm_seconds = time.perf_counter() - started
+            self.captioner = captioner
             self.status = "loaded"
         except ModelLoadError as exc:
             self.error = str(exc)

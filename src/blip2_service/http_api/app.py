@@ -121,6 +121,12 @@ async def health(request: web.Request) -> web.Response:
     }
     if holder.captioner is not None:
         body["dtype"] = str(holder.captioner.loaded.dtype).removeprefix("torch.")
+        decoder = holder.captioner.decoder
+        body["decode"] = {
+            "compiled": decoder is not None,
+            "buckets": list(decoder.buckets) if decoder is not None else [],
+            "warm_seconds": round(holder.warm_seconds, 3) if holder.warm_seconds is not None else None,
+        }
     if holder.error:
         body["error"] = holder.error
     body.update(ctx.health_extras())

@@ -1,0 +1,179 @@
+"""The static-cache, bucket-padded decode loop (COMPILE) against `generate`, on the real tiny-random model.
+
+Float32 throughout: there both paths do the same arithmetic, so the captions must be identical.
+(In half precision the two attention layouts round differently and beam search may break a
+near-tie the other way; transformers' own static-cache `generate` does the same.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from blip2_service.captioner import Captioner, LoadedModel
+from blip2_service.captioner.holder import ModelHolder
+from blip2_service.captioner.static_decode import (
+    PROMPT_ROOM,
+    StaticDecoder,
+    compile_enabled,
+    effective_buckets,
+    unsupported_reason,
+)
+from blip2_service.domain import GenerationSettings
+from blip2_service.http_api.app import make_app
+from blip2_service.runtime import Runtime, prepare_captioner
+
+from ..conftest import image_bytes
+
+
+def _pixels(captioner: Captioner, n: int, start: int = 0) -> list[Any]:
+    return [captioner.preprocess(Image.open(io.BytesIO(image_bytes(start + i))).convert("RGB")) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model: LoadedModel) -> Captioner:
+    return Captioner(tiny_model)
+
+
+def _static(tiny_model: LoadedModel, buckets: tuple[int, ...] = (1, 2, 4, 8), *, compiled: bool = False) -> Captioner:
+    queries = int(tiny_model.model.config.num_query_tokens)
+    decoder = StaticDecoder(
+        tiny_model.model.language_model, buckets=buckets, max_cache_len=queries + PROMPT_ROOM + 12, compiled=compiled
+    )
+    return Captioner(tiny_model, decoder=decoder)
+
+
+@pytest.fixture(scope="module")
+def static(tiny_model: LoadedModel) -> Captioner:
+    return _static(tiny_model)
+
+
+PROMPTS = [None, "a dog", None, "a photo of a red bus on the street", "two", None, "a cat on a", None, "a", None, "x"]
+
+
+@pytest.mark.parametrize("beams", [1, 3, 5])
+@pytest.mark.parametrize("size", [1, 3, 11])  # one bucket exactly, padded 3 -> 4, split 8 + 3 -> 4
+def test_static_decoder_gives_exactly_the_captions_of_generate(
+    plain: Captioner, static: Captioner, beams: int, size: int
+) -> None:
+    pixels = _pixels(plain, size, start=40)
+    settings = [GenerationSettings(num_beams=beams, max_new_tokens=12, min_new_tokens=1) for _ in range(size)]
+    expected = plain.caption_batch(pixels, settings)
+    assert static.caption_batch(pixels, settings) == expected
+    assert len({c[0] for c in expected}) > 1 or size == 1  # the images matter
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_static_decoder_with_mixed_prompts_and_min_tokens(plain: Captioner, static: Captioner, beams: int) -> None:
+    pixels = _pixels(plain, len(PROMPTS), start=60)
+    settings = [GenerationSettings(num_beams=beams, max_new_tokens=12, min_new_tokens=6, prompt=p) for p in PROMPTS]
+    assert static.caption_batch(pixels, settings) == plain.caption_batch(pixels, settings)
+
+
+def test_static_decoder_is_used_and_hands_what_it_cannot_do_to_generate(
+    plain: Captioner, tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captioner = _static(tiny_model)
+    decoder = captioner.decoder
+    assert decoder is not None
+    calls: list[int] = []
+    original = decoder.generate
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "generate", counting)
+    pixels = _pixels(plain, 2, start=80)
+    greedy = GenerationSettings(num_beams=1, max_new_tokens=10)
+    assert captioner.caption_batch(pixels, [greedy] * 2) == plain.caption_batch(pixels, [greedy] * 2)
+    assert calls == [1]
+    # A prompt past the cache's room, and sampled alternatives, take `generate`: same answers, no call.
+    long_prompt = GenerationSettings(num_beams=1, max_new_tokens=10, prompt=" ".join(["dog"] * (PROMPT_ROOM + 5)))
+    assert captioner.caption_batch(pixels, [long_prompt] * 2) == plain.caption_batch(pixels, [long_prompt] * 2)
+    sampled = captioner.caption_batch(pixels, [GenerationSettings(num_beams=1, max_new_tokens=6, num_captions=3)] * 2)
+    assert [len(c) for c in sampled] == [3, 3]
+    assert calls == [1]
+
+
+def test_generation_configs_the_loop_cannot_mirror_are_named(tiny_model: LoadedModel) -> None:
+    config = tiny_model.model.generation_config
+    assert unsupported_reason(config) is None
+    config2 = config.__class__(**config.to_dict())
+    config2.repetition_penalty = 1.3
+    assert "repetition_penalty" in (unsupported_reason(config2) or "")
+
+
+def test_buckets_stop_at_the_first_that_holds_a_full_batch() -> None:
+    assert effective_buckets([1, 2, 4, 8, 16, 32, 64], 16) == (1, 2, 4, 8, 16)
+    assert effective_buckets([1, 2, 4, 8, 16, 32, 64], 12) == (1, 2, 4, 8, 16)
+    assert effective_buckets([1, 4], 10) == (1, 4, 10)
+    assert effective_buckets([8, 2, 2], 1) == (2,)
+
+
+def test_compile_auto_is_on_for_cuda_only() -> None:
+    import torch
+
+    assert compile_enabled("auto", torch.device("cuda:0"))
+    assert not compile_enabled("auto", torch.device("cpu"))
+    assert compile_enabled("on", torch.device("cpu"))
+    assert not compile_enabled("off", torch.device("cuda:0"))
+
+
+def test_compiled_step_traces_whole_and_gives_the_same_captions(plain: Captioner, tiny_model: LoadedModel) -> None:
+    """torch.compile with fullgraph=True: a graph break would raise here instead of silently slowing a GPU."""
+    captioner = _static(tiny_model, buckets=(1, 2), compiled=True)
+    assert captioner.warm_up(GenerationSettings(num_beams=1, max_new_tokens=12)) == 2
+    pixels = _pixels(plain, 3, start=90)
+    settings = [GenerationSettings(num_beams=1, max_new_tokens=12)] * 3
+    assert captioner.caption_batch(pixels, settings) == plain.caption_batch(pixels, settings)
+
+
+async def test_health_says_warming_until_every_bucket_is_ready(
+    aiohttp_client: Callable[..., Any], settings_factory: Callable[..., Any], tiny_model: LoadedModel
+) -> None:
+    settings = settings_factory(compile="on", compile_buckets="1,2", batch_max_size=2, num_beams=1)
+    release = threading.Event()
+    warmed = threading.Event()
+
+    def prepare(loaded: LoadedModel) -> Captioner:
+        assert release.wait(60), "the test never let warm-up proceed"
+        captioner = prepare_captioner(loaded, settings=settings)
+        warmed.set()
+        return captioner
+
+    holder = ModelHolder(lambda: tiny_model, prepare)
+    runtime = Runtime(settings, holder=holder)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, runtime.start)
+    try:
+        client = await aiohttp_client(make_app(runtime.http_context()))
+        for _ in range(200):
+            if holder.status == "warming":
+                break
+            await asyncio.sleep(0.05)
+        resp = await client.get("/health")
+        body = await resp.json()
+        assert resp.status == 503 and body["model_status"] == "warming"
+        analyze = await client.post("/v3/analyze", data=image_bytes(1), headers={"Content-Type": "image/jpeg"})
+        assert analyze.status == 503 and "warming" in (await analyze.json())["error"]["message"]
+        release.set()
+        await loop.run_in_executor(None, partial(warmed.wait, 300))
+        await loop.run_in_executor(None, partial(holder.wait, 60))
+        resp = await client.get("/health")
+        body = await resp.json()
+        assert resp.status == 200 and body["model_status"] == "loaded"
+        assert body["decode"]["compiled"] is True and body["decode"]["buckets"] == [1, 2]
+        assert body["decode"]["warm_seconds"] > 0
+        analyze = await client.post("/v3/analyze", data=image_bytes(1), headers={"Content-Type": "image/jpeg"})
+        assert analyze.status == 200
+    finally:
+        release.set()
+        await loop.run_in_executor(None, runtime.stop)
