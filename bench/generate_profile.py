@@ -6,11 +6,14 @@ cost from the pipeline's, and the vision tower from the decode loop. Finishes in
 on a GPU with full-random, under 1 minute on a CPU with tiny-random:
   python bench/generate_profile.py --model full-random --device cuda --batches 1,8,64
   .venv/bin/python bench/generate_profile.py --model tiny-random --device cpu --batches 1,8
+With --compile it also builds the static-cache decode (COMPILE=on, buckets = --batches) and times
+it the same way: the "after" of the launch-bound decode.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -21,8 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from blip2_service.captioner.generate import Captioner
+from blip2_service.config import Settings
 from blip2_service.domain import GenerationSettings
 from blip2_service.imaging import decode_image
+from blip2_service.runtime import prepare_captioner
 from throughput import jpeg, load
 
 
@@ -48,6 +53,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float16,float32", help="comma-separated dtypes to build and time")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="also time the static-cache compiled decode")
     parser.add_argument("--profile-rows", type=int, default=18, help="rows of the profiler table (0: none)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -59,10 +65,12 @@ def main() -> None:
             torch.cuda.empty_cache()
 
 
-def time_batch(loaded: Any, captioner: Captioner, images: list[Any], pixels: list[Any], tokens: int) -> None:
+def time_batch(
+    loaded: Any, captioner: Captioner, compiled: Captioner | None, images: list[Any], pixels: list[Any], tokens: int
+) -> None:
     model, batch = loaded.model, len(images)
     settings = GenerationSettings(num_beams=1, max_new_tokens=tokens, min_new_tokens=tokens)
-    pv = torch.stack(pixels).to(loaded.device, loaded.dtype)
+    pv = captioner.pixels.batch(pixels)
     proc = loaded.processor(images=images, return_tensors="pt").to(loaded.device, loaded.dtype)
     kw: dict[str, Any] = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False}
     one: dict[str, Any] = {"max_new_tokens": 1, "min_new_tokens": 1, "do_sample": False}
@@ -72,6 +80,16 @@ def time_batch(loaded: Any, captioner: Captioner, images: list[Any], pixels: lis
         with_ids = timed(lambda: model.generate(**proc, **kw))
         one_token = timed(lambda: model.generate(pixel_values=pv, **one))
     ours = timed(lambda: captioner.caption_batch(pixels, [settings] * batch))
+    if compiled is not None:
+        fast = timed(lambda: compiled.caption_batch(pixels, [settings] * batch))
+        fast_one = timed(
+            lambda: compiled.caption_batch(pixels, [dataclasses.replace(settings, max_new_tokens=1)] * batch)
+        )
+        print(
+            f"  batch {batch:3d} COMPILE=on: Captioner {fast * 1000:8.1f} ms | 1 token {fast_one * 1000:8.1f} ms | "
+            f"per decode step {(fast - fast_one) / max(1, tokens - 1) * 1000:6.2f} ms | {batch / fast:7.2f} img/s",
+            flush=True,
+        )
     per_step = (direct - one_token) / max(1, tokens - 1)
     print(
         f"  batch {batch:3d}: vision {vision * 1000:8.1f} ms | generate {direct * 1000:8.1f} ms "
@@ -87,14 +105,28 @@ def profile_dtype(args: argparse.Namespace, dtype: str, images: list[Any], batch
     loaded = load(args.model, dtype, args.device)
     model = loaded.model
     captioner = Captioner(loaded)
+    compiled = None
+    if args.compile:
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            compile="on",
+            compile_buckets=",".join(map(str, batches)),
+            batch_max_size=max(batches),
+            num_beams=1,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+        )
+        started = time.perf_counter()
+        compiled = prepare_captioner(loaded, settings=settings)
+        print(f"  compiled decode warmed for batches {batches} in {time.perf_counter() - started:.1f}s", flush=True)
     pixels = [captioner.preprocess(image) for image in images]
     print(f"\n{args.model} {dtype} on {loaded.device}", flush=True)
     for batch in batches:
-        time_batch(loaded, captioner, images[:batch], pixels[:batch], tokens)
+        time_batch(loaded, captioner, compiled, images[:batch], pixels[:batch], tokens)
     if not args.profile_rows:
         return
     batch = batches[-1]
-    pv = torch.stack(pixels[:batch]).to(loaded.device, loaded.dtype)
+    pv = captioner.pixels.batch(pixels[:batch])
     activities = [torch.profiler.ProfilerActivity.CPU]
     if loaded.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

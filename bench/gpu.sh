@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# GPU throughput: full-random BLIP-2 OPT-2.7b (published shapes, random weights, no download),
-# (a) the seed's float32 one-image loop vs (b) the pipeline in float16 at batch 1/8/16/32/64,
-# greedy 20 tokens, then beam 5, then tiny-random (pipeline overhead on a GPU host).
-# Installs nothing: run it where torch with CUDA and this package's requirements are importable
-# (PYTHONPATH=src is added here). Each step has its own time limit; the whole script finishes in
-# under 8 minutes on an H100/H200. Logs go to $OUT (or ./bench-gpu-logs) as well as stdout.
+# GPU figures in one device call (under 10 minutes on an H100/H200), full-random BLIP-2 OPT-2.7b
+# (published shapes, random weights, no download), float16, 20 tokens. Default steps:
+#   profile  the decode step before/after: generate vs the compiled static-cache decode (batch 1/16/64)
+#   serve    the real server (HTTP, SQLite), greedy and beam 5: single-image p50/p90, 64 clients,
+#            GPU utilisation, start-up, peak memory, and the in-process Captioner at the same batch
+#   blip     the same server with blip-large-random (the legacy service's model shapes), greedy
+# Older steps by name: greedy, beam, tiny (bench/throughput.py's seed-vs-pipeline sweep).
+# Wheels: run bench/gpu_wheels.sh here first and carry .whl; they are installed into /tmp/site.
+# Each step has its own time limit. Logs go to $OUT (or ./bench-gpu-logs) as well as stdout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOGS=${OUT:-bench-gpu-logs}
 mkdir -p "$LOGS"
+if [ -d .whl ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
 export PYTHONPATH="${PYTHONPATH:-}:$PWD/src" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -24,14 +32,28 @@ step() {  # step NAME SECONDS ARGS...: one bench run, its log kept even when it 
   echo "=== $name exit ${PIPESTATUS[0]}"
 }
 
-STEPS=${*:-greedy beam tiny}  # or name some: bench/gpu.sh greedy
+run() {  # run NAME SECONDS SCRIPT ARGS...
+  local name=$1 limit=$2 script=$3
+  shift 3
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$PY" "$script" "$@" 2>&1 | tee "$LOGS/$name.log"
+  echo "=== $name exit ${PIPESTATUS[0]}"
+}
+
+STEPS=${*:-profile serve blip}  # or name some: bench/gpu.sh serve
 for s in $STEPS; do
   case $s in
+    profile) run profile 150 bench/generate_profile.py --model full-random --device cuda --dtypes float16 \
+      --batches 1,16,64 --compile --profile-rows 0 ;;
+    serve) run serve 300 bench/gpu_serve.py --model full-random --device cuda --dtype float16 --tokens 20 \
+      --decode greedy,beam --clients 64 --seconds 15 --single 20 --batch-max 64 ;;
+    blip) run blip 100 bench/gpu_serve.py --model blip-large-random --device cuda --dtype float16 --tokens 20 \
+      --decode greedy --clients 16 --seconds 5 --single 20 --batch-max 16 --no-inprocess ;;
     greedy) step greedy 150 --model full-random --device cuda --dtype float16 --decode greedy \
       --tokens 20 --seed-images 8 --batches 1,8,16,32,64 --images 64 --show-batches ;;
     beam) step beam 90 --model full-random --device cuda --dtype float16 --decode beam \
       --tokens 20 --seed-images 4 --batches 8,32 --images 32 --show-batches ;;
     tiny) step tiny 60 --model tiny-random --device cuda --dtype float16 --decode greedy --batch 8 --images 128 ;;
-    *) echo "unknown step $s (greedy, beam, tiny)"; exit 2 ;;
+    *) echo "unknown step $s (profile, serve, blip, greedy, beam, tiny)"; exit 2 ;;
   esac
 done

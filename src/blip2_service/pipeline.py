@@ -61,6 +61,7 @@ class PipelineLimits:
 class _Job:
     pixels: Any
     settings: GenerationSettings
+    enqueued: float
 
 
 class CaptionPipeline:
@@ -210,11 +211,12 @@ class CaptionPipeline:
     ) -> None:
         model = captioner.name
         try:
-            decoded = decode_image(
-                request.data,
-                max_file_size=self.limits.max_file_size,
-                max_image_pixels=self.limits.max_image_pixels,
-            )
+            with self.metrics.stage("decode"):
+                decoded = decode_image(
+                    request.data,
+                    max_file_size=self.limits.max_file_size,
+                    max_image_pixels=self.limits.max_image_pixels,
+                )
         except PermanentError as exc:
             self._fail(request, model, exc, outer, started)
             return
@@ -222,7 +224,8 @@ class CaptionPipeline:
         use_store = self.store is not None and request.store
         if use_store and not request.refresh:
             assert self.store is not None
-            stored = self.store.find_caption(decoded.sha256, model, request.settings)
+            with self.metrics.stage("lookup"):
+                stored = self.store.find_caption(decoded.sha256, model, request.settings)
             if stored is not None and stored["status"] == "succeeded":
                 self.store.record_sighting(info, _sighting(request))
                 self.metrics.cache_hits.labels(request.source.value).inc()
@@ -233,15 +236,21 @@ class CaptionPipeline:
         generation, leader = self._join_or_lead(key)
         if leader:
             try:
-                pixels = captioner.preprocess(decoded.image)
+                with self.metrics.stage("preprocess"):
+                    pixels = captioner.preprocess(decoded.image)
             except Exception as exc:
                 generation.set_exception(exc)
             else:
-                inner = self._batcher.put(_Job(pixels, request.settings))
+                inner = self._batcher.put(_Job(pixels, request.settings, time.perf_counter()))
                 inner.add_done_callback(lambda f: _chain(f, generation))
+        # The thumbnail is made here, while the image waits for the model, not after it.
+        thumbnail = None
+        if use_store:
+            with self.metrics.stage("thumbnail"):
+                thumbnail = make_thumbnail(decoded.image)
         generation.add_done_callback(
             lambda f: self._finish.submit(
-                self._guard, outer, self._finish_stage, f, request, decoded, model, outer, started
+                self._guard, outer, self._finish_stage, f, request, decoded, thumbnail, model, outer, started
             )
         )
 
@@ -263,13 +272,21 @@ class CaptionPipeline:
     def _infer(self, jobs: Sequence[_Job]) -> Sequence[list[str] | BaseException]:
         captioner = self.holder.captioner
         assert captioner is not None
-        return captioner.caption_batch([j.pixels for j in jobs], [j.settings for j in jobs])
+        begun = time.perf_counter()
+        for job in jobs:
+            self.metrics.stage_seconds.labels("wait").observe(begun - job.enqueued)
+        results = captioner.caption_batch([j.pixels for j in jobs], [j.settings for j in jobs])
+        took = time.perf_counter() - begun
+        for _job in jobs:
+            self.metrics.stage_seconds.labels("infer").observe(took)
+        return results
 
     def _finish_stage(
         self,
         generation: Future[list[str]],
         request: CaptionRequest,
         decoded: DecodedImage,
+        thumbnail: bytes | None,
         model: str,
         outer: Future[CaptionResult],
         started: float,
@@ -279,7 +296,8 @@ class CaptionPipeline:
             log.error("captioning %s failed: %s", request.source_ref, exc)
             raise CaptionError(f"Captioning failed inside the model: {exc}", status=500) from exc
         texts = generation.result()
-        predictions = [Prediction(t, tuple(self.mapper.map(t))) for t in texts]
+        with self.metrics.stage("emoji"):
+            predictions = [Prediction(t, tuple(self.mapper.map(t))) for t in texts]
         elapsed = time.perf_counter() - started
         result = CaptionResult(
             status="succeeded",
@@ -295,22 +313,23 @@ class CaptionPipeline:
                 decoded.width,
                 decoded.height,
                 decoded.format,
-                make_thumbnail(decoded.image),
+                thumbnail,
             )
-            item, created = self.store.save(
-                NewCaption(
-                    image=image,
-                    sighting=_sighting(request),
-                    model=model,
-                    settings=request.settings,
-                    status="succeeded",
-                    texts=texts,
-                    emoji_mappings=[m.as_dict() for p in predictions[:1] for m in p.emoji_mappings],
-                    error=None,
-                    processing_time=elapsed,
-                ),
-                replace=request.refresh,
-            )
+            with self.metrics.stage("store"):
+                item, created = self.store.save(
+                    NewCaption(
+                        image=image,
+                        sighting=_sighting(request),
+                        model=model,
+                        settings=request.settings,
+                        status="succeeded",
+                        texts=texts,
+                        emoji_mappings=[m.as_dict() for p in predictions[:1] for m in p.emoji_mappings],
+                        error=None,
+                        processing_time=elapsed,
+                    ),
+                    replace=request.refresh,
+                )
             result.record_id = item["id"]
             if not created and not request.refresh and item["status"] == "succeeded":
                 # Another worker stored it first: answer with what is stored, so every

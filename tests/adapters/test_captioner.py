@@ -34,10 +34,16 @@ def test_tiny_random_is_a_saved_checkpoint_loaded_through_from_pretrained(
     assert tiny_model.processor.tokenizer.padding_side == "left"
 
 
-def test_preprocess_gives_the_model_input_shape(captioner: Captioner, tiny_model: LoadedModel) -> None:
-    pixels = captioner.preprocess(_images(1)[0])
+def test_preprocess_gives_bit_for_bit_the_processors_model_input(captioner: Captioner, tiny_model: LoadedModel) -> None:
+    """Resize on the worker, normalise on the device: the model must see exactly the processor's numbers."""
+    import torch
+
+    images = [*_images(3), Image.open(io.BytesIO(image_bytes(7, size=(640, 480)))).convert("RGB")]
+    prepared = [captioner.preprocess(im) for im in images]
     size = tiny_model.model.config.vision_config.image_size
-    assert tuple(pixels.shape) == (3, size, size)
+    assert captioner.pixels.fast and prepared[0].dtype == torch.uint8 and tuple(prepared[0].shape) == (size, size, 3)
+    expected = tiny_model.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(captioner.pixels.batch(prepared), expected)
 
 
 def test_captions_are_text_and_depend_on_the_image(captioner: Captioner) -> None:

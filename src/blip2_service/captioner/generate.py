@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..domain import GenerationSettings
 from .loading import LoadedModel
+from .pixels import PixelPrep
 from .static_decode import StaticDecoder, TokenRules, unsupported_reason
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Captioner:
         self._processor = loaded.processor
         self._tokenizer = loaded.processor.tokenizer
         self._image_processor = loaded.processor.image_processor
+        self.pixels = PixelPrep(self._image_processor, loaded.device, loaded.dtype)
         self._is_decoder_only = loaded.kind == "blip2" and not loaded.model.config.is_encoder_decoder
         self._generation_config = loaded.model.generation_config
         self._image_token_ids: list[int] = []
@@ -46,9 +48,8 @@ class Captioner:
         return self.loaded.name
 
     def preprocess(self, image: Image.Image) -> Any:
-        """Resize and normalise one image to a float32 CHW tensor (thread-safe, no model state)."""
-        out = self._image_processor(images=[image], return_tensors="pt")
-        return out["pixel_values"][0]
+        """Resize one image for the model (thread-safe, no model state); normalised later, on the device."""
+        return self.pixels.prepare(image)
 
     def caption_batch(self, pixels: Sequence[Any], settings: Sequence[GenerationSettings]) -> list[list[str]]:
         """Captions for each input (a list of `num_captions` texts), in input order.
@@ -93,10 +94,7 @@ class Captioner:
 
         first = settings[0]
         device = self.loaded.device
-        pixel_values = torch.stack(pixels)
-        if device.type == "cuda":
-            pixel_values = pixel_values.pin_memory()
-        pixel_values = pixel_values.to(device, dtype=self.loaded.dtype, non_blocking=True)
+        pixel_values = self.pixels.batch(pixels)
         kwargs: dict[str, Any] = {
             "max_new_tokens": first.max_new_tokens,
             "min_new_tokens": first.min_new_tokens,
@@ -176,7 +174,6 @@ class Captioner:
 
         Returns how many buckets were warmed (0 without a static decoder).
         """
-        import torch
 
         decoder = self.decoder
         if decoder is None or not self._is_decoder_only:
@@ -186,7 +183,7 @@ class Captioner:
         # A few tokens are enough: the captured step does not depend on how many follow.
         short = dataclasses.replace(settings, prompt=None, num_captions=1, max_new_tokens=4, min_new_tokens=4)
         for bucket in reversed(decoder.buckets):
-            pixels = [torch.zeros(3, height, width)] * bucket
+            pixels = [self.preprocess(Image.new("RGB", (width, height)))] * bucket
             started = time.perf_counter()
             for _ in range(3):  # compile, warm, record (CUDA graphs replay from the third call on)
                 self._generate(pixels, [short] * bucket)

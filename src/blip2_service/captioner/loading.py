@@ -23,7 +23,8 @@ LAVIS_ALIASES: dict[str, str] = {
     "blip_caption:base_coco": "Salesforce/blip-image-captioning-base",
 }
 
-RANDOM_MODELS = ("tiny-random", "full-random")
+# Random-weight builds made offline (captioner/tiny.py): real code paths, meaningless text.
+RANDOM_MODELS = ("tiny-random", "full-random", "tiny-random-blip", "blip-large-random")
 
 
 class ModelLoadError(Exception):
@@ -113,10 +114,9 @@ def load_model(
     source = resolve_model_id(model)
     location: str | Path = source
     if source in RANDOM_MODELS:
-        from .tiny import build_full_random, build_tiny_random
+        from .tiny import RANDOM_BUILDERS
 
-        build = build_tiny_random if source == "tiny-random" else build_full_random
-        location = build(data_dir / "models" / source)
+        location = RANDOM_BUILDERS[source](data_dir / "models" / source)
     elif Path(source).expanduser().is_dir():
         location = Path(source).expanduser()
 

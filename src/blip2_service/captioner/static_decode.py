@@ -126,7 +126,7 @@ class StaticDecoder:
             # One graph per bucket (and per beam width): more than dynamo's default of 8.
             torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-            self._step_fn = torch.compile(self._forward_step, mode=mode, fullgraph=True, dynamic=False)
+            self._step_fn = torch.compile(self._forward_step, mode=mode, fullgraph=True)
 
     # -- public ---------------------------------------------------------------------------
 

@@ -271,3 +271,119 @@ def build_full_random(path: Path, *, seed: int = 0) -> Path:
     model.save_pretrained(staging)
     processor.save_pretrained(staging)
     return _publish_dir(staging, path, marker.name, {"kind": "full-random", "seed": seed})
+
+
+def _blip_tokenizer() -> Any:
+    """A WordPiece tokenizer with BERT's special tokens, trained offline on the caption corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(
+        _CORPUS * 4, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    )
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        bos_token="[DEC]",
+    )
+
+
+def _build_blip(path: Path, marker_name: str, vision: dict[str, Any], text: dict[str, Any], std: float) -> Path:
+    marker = path / marker_name
+    if marker.exists():
+        return path
+    if path.exists():
+        shutil.rmtree(path)
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tokenizer = _blip_tokenizer()
+    sep = tokenizer.sep_token_id
+    text = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "sep_token_id": sep,
+        "eos_token_id": sep,
+        **text,
+    }
+    config = BlipConfig(vision_config=vision, text_config=text)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, std)
+    size = int(vision["image_size"])
+    staging = _staging(path)
+    model.save_pretrained(staging)
+    BlipProcessor(BlipImageProcessorPil(size={"height": size, "width": size}), tokenizer).save_pretrained(staging)
+    return _publish_dir(staging, path, marker_name, {"kind": marker_name.removesuffix(".json")})
+
+
+def build_tiny_random_blip(path: Path) -> Path:
+    """`MODEL=tiny-random-blip`: BLIP (v1) captioning in miniature, for tests of that family."""
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 16,
+    }
+    text = {
+        "hidden_size": 32,
+        "encoder_hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+    }
+    return _build_blip(path, "tiny-random-blip.json", vision, text, std=0.3)
+
+
+def build_blip_large_random(path: Path) -> Path:
+    """`MODEL=blip-large-random`: BLIP large captioning's published shapes (the legacy service's
+    `blip_caption:large_coco`, ViT-L/16 at 384 px and a 12-layer BERT decoder, about 470 M
+    parameters) with random weights, so the legacy figure has a side-by-side number on one card.
+    The vocabulary keeps BERT's 30,524 rows (it sizes the last matmul); ids past the tiny
+    tokenizer decode to nothing."""
+    vision = {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 384,
+        "patch_size": 16,
+    }
+    text = {
+        "vocab_size": 30524,
+        "hidden_size": 768,
+        "encoder_hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 512,
+    }
+    return _build_blip(path, "blip-large-random.json", vision, text, std=0.02)
+
+
+RANDOM_BUILDERS = {
+    "tiny-random": build_tiny_random,
+    "full-random": build_full_random,
+    "tiny-random-blip": build_tiny_random_blip,
+    "blip-large-random": build_blip_large_random,
+}
