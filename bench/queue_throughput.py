@@ -70,7 +70,7 @@ def run(broker: str, prefetch: int, messages: int, holder: ModelHolder, mapper: 
         prefetch=prefetch,
         generation=SETTINGS,
         max_file_size=10_000_000,
-        fetcher=UrlFetcher(timeout=5, max_bytes=10_000_000, allow_private=False),
+        fetcher=UrlFetcher(timeout=5, max_bytes=10_000_000),
     )
     t0 = time.perf_counter()
     worker.start()

@@ -131,7 +131,7 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .domain import CaptionRequest, CaptionResult, Source
-    from .localfiles import read_file
+    from .intake import read_path
     from .runtime import Runtime
 
     files = list(iter_images(args.paths))
@@ -167,7 +167,8 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
         with tqdm(total=len(files), unit="img", file=sys.stderr, disable=None) as bar:
             for path in files:
                 try:
-                    data, stat = read_file(path.resolve(), settings.max_file_size)
+                    # The operator names their own files here: no FILE_ROOTS, the same reading rules.
+                    found = read_path(str(path), None, settings.max_file_size)
                 except Exception as exc:
                     unread: Future[CaptionResult] = Future()
                     unread.set_exception(exc)  # reported in input order with the rest
@@ -177,12 +178,12 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
                 request = CaptionRequest(
                     Source.CLI,
                     str(path.resolve()),
-                    data,
+                    found.data,
                     generation,
                     store=not args.no_store,
                     refresh=args.refresh,
-                    file_size=stat.st_size,
-                    file_mtime=stat.st_mtime,
+                    file_size=found.size,
+                    file_mtime=found.mtime,
                 )
                 future = runtime.pipeline.submit(request, wait=True)
                 future.add_done_callback(lambda _f: bar.update())

@@ -6,6 +6,7 @@ build their own without touching the process environment.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -49,7 +50,11 @@ class Settings(BaseSettings):
     port: int = Field(7777, ge=1, le=65535)
     private: bool = False
     api_key: str = ""
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
+    # No CORS headers by default, as the legacy service: any web page could otherwise read
+    # /captions through a visitor's browser.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    health_details: bool = False
+    request_timeout: float = Field(60, gt=0, le=3600)
 
     # Model
     model: str = "Salesforce/blip2-opt-2.7b"
@@ -85,10 +90,12 @@ class Settings(BaseSettings):
     watch_polling: bool = False
     watch_settle_seconds: float = Field(1.0, ge=0, le=3600)
     watch_mode: Literal["caption", "publish"] = "caption"
+    watch_follow_symlinks: bool = False
 
     # Inputs and their guards
     file_roots: Annotated[list[Path], NoDecode] | None = None
     allow_private_urls: bool = False
+    url_allow_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
     url_timeout: float = Field(10, gt=0, le=600)
     max_file_size: int = Field(33_554_432, ge=1)
     max_image_pixels: int = Field(89_478_485, ge=1)
@@ -117,6 +124,17 @@ class Settings(BaseSettings):
     @classmethod
     def _cors(cls, value: Any) -> list[str]:
         return _split_csv(value)
+
+    @field_validator("url_allow_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> list[str]:
+        networks = _split_csv(value)
+        for net in networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not a network; use CIDRs such as 10.20.0.0/16,fd00::/8") from None
+        return networks
 
     @field_validator("compile_buckets", mode="before")
     @classmethod

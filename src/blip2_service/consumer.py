@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from amqp.exceptions import PreconditionFailed
 from kombu import Connection, Message
 from kombu.mixins import ConsumerProducerMixin
 
@@ -38,10 +39,11 @@ from .domain import (
     TransientError,
 )
 from .fetching import UrlFetcher
-from .localfiles import read_file
+from .intake import public_url, read_path
 from .metrics import Metrics
 from .pipeline import CaptionPipeline
-from .queue_protocol import REASON_HEADER, BadRequestMessage, QueueRequest, decode_b64, parse_request, result_body
+from .queue_protocol import REASON_HEADER, QueueRequest, decode_b64, parse_request, peek_id, result_body
+from .retry import WORK, Backoff
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +68,12 @@ class _Held:
     generation: int
     request: QueueRequest | None = None
     attempt: int = 0
+    error: PermanentError | None = None  # a message that can never be captioned, still to be recorded
 
 
 class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
     name = "queue"
+    should_stop: bool = False
 
     def __init__(
         self,
@@ -81,9 +85,9 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         generation: GenerationSettings,
         max_file_size: int,
         fetcher: UrlFetcher,
+        file_roots: list[Path] | None = None,
         metrics: Metrics | None = None,
-        retry_base: float = 1.0,
-        retry_max: float = 30.0,
+        backoff: Backoff = WORK,
     ) -> None:
         self.connection: Connection = connect(broker_url)
         self.pipeline = pipeline
@@ -93,11 +97,11 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         self.max_file_size = max_file_size
         self.fetcher = fetcher
         self.metrics = metrics or Metrics()
-        self.retry_base = retry_base
-        self.retry_max = retry_max
+        self.file_roots = file_roots if file_roots is not None else []
+        self.backoff = backoff
         self.state = "connecting"
         self.last_error: str | None = None
-        self.counts = {"succeeded": 0, "failed": 0, "retried": 0}
+        self.counts = {"succeeded": 0, "failed": 0, "retried": 0, "reconnects": 0}
         self._gen = 0
         self._held: dict[int, _Held] = {}
         self._done: queue.Queue[tuple[_Held, _Outcome]] = queue.Queue()
@@ -110,6 +114,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         self._draining = False
         self._consumers: list[Any] = []
         self._stopped = threading.Event()
+        self._stop_requested = threading.Event()
 
     @classmethod
     def from_settings(
@@ -126,6 +131,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
             generation=settings.generation(),
             max_file_size=settings.max_file_size,
             fetcher=UrlFetcher.from_settings(settings),
+            file_roots=settings.allowed_file_roots,
             metrics=metrics,
         )
 
@@ -140,8 +146,26 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         try:
             while not self.should_stop:
                 try:
+                    self._declare_topology()
                     self.run(safety_interval=0.05)
+                except PreconditionFailed as exc:
+                    # The queue exists with other arguments: retrying cannot help, and every retry
+                    # would look like a broker outage. Stop, saying what differs and what to do.
+                    self.state = "failed"
+                    self.last_error = (
+                        f"queue {self.topology.queue_name!r} exists with other arguments ({exc.reply_text}); "
+                        f"delete it or set QUEUE_NAME to another queue (README, 'Queue topology')"
+                    )
+                    log.error("queue consumer stopped: %s", self.last_error)
+                    self.should_stop = True
+                    return
+                except self.connection.connection_errors as exc:
+                    if self._draining:
+                        break  # stopping with no broker: unacked messages are redelivered later
+                    self.on_connection_error(exc, self.backoff.first)
+                    self._stop_requested.wait(self.backoff.first)
                 except Exception as exc:
+                    self.counts["reconnects"] += 1
                     # kombu's loop only survives the errors it knows as connection errors; an
                     # ack or publish on a half-dead connection can raise others. The thread must
                     # live: start over on a fresh connection (held messages are redelivered).
@@ -150,12 +174,21 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
                     log.exception("queue consumer failed; reconnecting")
                     time.sleep(1.0)
         finally:
-            self.state = "stopped"
+            if self.state != "failed":
+                self.state = "stopped"
             self._stopped.set()
+
+    def _declare_topology(self) -> None:
+        """Declare before consuming: kombu's loop would take a refused declaration for a lost
+        connection and retry it forever, where we want to stop with the reason."""
+        with self.connection.clone() as conn:
+            conn.ensure_connection(max_retries=1)
+            self.topology.declare(conn.channel())
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop taking messages, finish and ack those in flight, then close."""
         self._draining = True
+        self._stop_requested.set()
         if not self._stopped.wait(timeout):
             log.warning(
                 "queue consumer: %d messages still in flight at shutdown; the broker redelivers them", len(self._held)
@@ -206,6 +239,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         self.state = "connected"
 
     def on_connection_error(self, exc: BaseException, interval: float) -> None:
+        self.counts["reconnects"] += 1
         self.state = "reconnecting"
         self.last_error = f"broker: {exc}"
         log.warning("broker connection failed (%s); retrying in %.1fs", exc, interval)
@@ -236,14 +270,32 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         held = _Held(message, self._gen)
         self._held[id(held)] = held
         try:
-            held.request = parse_request(message.body)
-        except BadRequestMessage as exc:
-            self._finish(held, _Outcome("failed", error=exc.message))
-            return
+            held.request = parse_request(_body_bytes(message))
+        except PermanentError as exc:
+            held.error = exc
         self._start(held)
 
+    def _record_failure(self, held: _Held, exc: PermanentError) -> None:
+        """I/O thread: store a request that failed before captioning, then report it back."""
+        ref = self._source_ref(held)
+        request = CaptionRequest(Source.QUEUE, ref, _failure_key(held), self._settings(held.request))
+        try:
+            result = self.pipeline.record_failure(request, exc)
+        except TransientError as err:
+            self._done.put((held, _Outcome("retry", error=err.message)))
+            return
+        self._done.put((held, _Outcome("failed", result=result, error=exc.message)))
+
+    def _settings(self, request: QueueRequest | None) -> GenerationSettings:
+        if request is not None and request.prompt:
+            return replace(self.generation, prompt=request.prompt)
+        return self.generation
+
     def _start(self, held: _Held) -> None:
-        self._io.submit(self._work, held)
+        if held.error is not None:
+            self._io.submit(self._record_failure, held, held.error)
+        else:
+            self._io.submit(self._work, held)
 
     def _work(self, held: _Held) -> None:
         """I/O thread: get the bytes, submit, and report back through `_done`."""
@@ -251,11 +303,10 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         assert request is not None
         try:
             data = self._load(request)
-            settings = replace(self.generation, prompt=request.prompt) if request.prompt else self.generation
-            caption_request = CaptionRequest(Source.QUEUE, self._source_ref(held), data, settings)
+            caption_request = CaptionRequest(Source.QUEUE, self._source_ref(held), data, self._settings(request))
             future = self.pipeline.submit(caption_request, wait=True)
         except PermanentError as exc:
-            self._done.put((held, _Outcome("failed", error=exc.message)))
+            self._record_failure(held, exc)
             return
         except TransientError as exc:
             self._done.put((held, _Outcome("retry", error=exc.message)))
@@ -270,18 +321,19 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         if request.kind == "image_b64":
             return decode_b64(request.value)
         if request.kind == "path":
-            data, _stat = read_file(Path(request.value).expanduser(), self.max_file_size)
-            return data
+            return read_path(request.value, self.file_roots, self.max_file_size).data
         return asyncio.run_coroutine_threadsafe(self.fetcher.fetch(request.value), self._loop).result()
 
     @staticmethod
     def _source_ref(held: _Held) -> str:
         request = held.request
-        assert request is not None
-        if request.kind in ("path", "url"):
+        if request is not None and request.kind == "path":
             return request.value
+        if request is not None and request.kind == "url":
+            return public_url(request.value)
         message_id = held.message.properties.get("message_id")
-        return f"message:{request.id or message_id or held.message.delivery_tag}"
+        own_id = request.id if request is not None else peek_id(_body_bytes(held.message))
+        return f"message:{own_id or message_id or held.message.delivery_tag}"
 
     @staticmethod
     def _outcome(future: Future[CaptionResult]) -> _Outcome:
@@ -301,7 +353,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         message = held.message
         if outcome.kind == "retry":
             held.attempt += 1
-            delay = min(self.retry_base * 2 ** (held.attempt - 1), self.retry_max)
+            delay = self.backoff.delay(held.attempt)
             self.counts["retried"] += 1
             self.last_error = outcome.error
             self.metrics.queue_messages.labels("retried").inc()
@@ -314,7 +366,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
             self.metrics.queue_messages.labels("requeued").inc()
             message.requeue()
             return
-        echo = held.request.echo() if held.request else None
+        echo = held.request.echo() if held.request else {"id": peek_id(_body_bytes(message))}
         ok = outcome.kind == "ok"
         body = result_body(outcome.result, framework=self.pipeline.framework, request=echo, error=outcome.error)
         routing_key = "caption.succeeded" if ok else "caption.failed"
@@ -340,22 +392,53 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
             )
         if not ok:
             reason = outcome.error or "failed"
-            headers = dict(message.headers or {})
-            headers[REASON_HEADER] = reason
-            self.producer.publish(
-                message.body,
-                exchange=self.topology.dead_exchange,
-                routing_key=self.topology.queue_name,
-                headers=headers,
-                content_type=message.content_type or "application/octet-stream",
-                content_encoding=message.content_encoding or "binary",
-                declare=[self.topology.dead_queue],
-                retry=True,
-                retry_policy=_PUBLISH_RETRY,
-            )
+            self._dead_letter(message, reason)
             self.last_error = reason
             log.warning("queue message dead-lettered: %s", reason)
         message.ack()
         self._held.pop(id(held), None)
         self.counts["succeeded" if ok else "failed"] += 1
         self.metrics.queue_messages.labels("succeeded" if ok else "dead_lettered").inc()
+
+    def _dead_letter(self, message: Message, reason: str) -> None:
+        """The message as it came, with its properties and the reason in REASON_HEADER.
+
+        The body goes as bytes, whatever it was (empty, not UTF-8, no content type): re-encoding
+        it could fail and jam the queue behind it.
+        """
+        headers = dict(message.headers or {})
+        headers[REASON_HEADER] = reason[:1000]
+        props = message.properties or {}
+        kept = {name: props[name] for name in _KEPT_PROPERTIES if props.get(name) is not None}
+        self.producer.publish(
+            _body_bytes(message),
+            exchange=self.topology.dead_exchange,
+            routing_key=self.topology.queue_name,
+            headers=headers,
+            content_type=message.content_type or "application/octet-stream",
+            content_encoding="binary",
+            declare=[self.topology.dead_queue],
+            retry=True,
+            retry_policy=_PUBLISH_RETRY,
+            **kept,
+        )
+
+
+# AMQP properties a dead-lettered copy keeps, so whoever reads the dead queue can match it up.
+_KEPT_PROPERTIES = ("message_id", "correlation_id", "reply_to", "timestamp", "type", "app_id", "user_id")
+
+
+def _body_bytes(message: Message) -> bytes:
+    body = message.body
+    if isinstance(body, bytes):
+        return body
+    return (body or "").encode("utf-8", "surrogateescape")
+
+
+def _failure_key(held: _Held) -> bytes:
+    """What identifies a failed message in the store: its body, else its message id."""
+    body = _body_bytes(held.message)
+    if body:
+        return body
+    message_id = (held.message.properties or {}).get("message_id")
+    return f"message:{message_id}".encode() if message_id else b""

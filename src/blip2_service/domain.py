@@ -39,6 +39,53 @@ class PermanentError(CaptionError):
     status = 400
 
 
+# The kinds of permanent failure, one per HTTP status, shared by every door (CONTRACT §1).
+class BadInput(PermanentError):
+    """Bad or missing parameters, a malformed message or body."""
+
+    status = 400
+
+
+class Forbidden(PermanentError):
+    """A path outside the allowed roots, a URL to a refused address."""
+
+    status = 403
+
+
+class NotFound(PermanentError):
+    status = 404
+
+
+class RequestTimedOut(PermanentError):
+    """The client did not finish sending its request in time (REQUEST_TIMEOUT)."""
+
+    status = 408
+
+
+class TooLarge(PermanentError):
+    """Bytes or pixels over MAX_FILE_SIZE / MAX_IMAGE_PIXELS."""
+
+    status = 413
+
+
+class Unsupported(PermanentError):
+    """Not an image format the service reads."""
+
+    status = 415
+
+
+class Undecodable(PermanentError):
+    """An image whose bytes cannot be decoded (truncated, corrupt)."""
+
+    status = 422
+
+
+class FetchFailed(PermanentError):
+    """A URL that could not be fetched (its server failed, timed out or could not be reached)."""
+
+    status = 502
+
+
 class TransientError(CaptionError):
     """A passing failure (store or broker down, overloaded): retry later, keep the input."""
 

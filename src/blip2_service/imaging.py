@@ -14,23 +14,17 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .domain import PermanentError
+from .domain import TooLarge, Undecodable, Unsupported
 
 # The formats BLIP/BLIP-2 users send; MPO is what many cameras call their JPEGs.
 SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".mpo"})
 
 
-class ImageTooLarge(PermanentError):
-    status = 413
-
-
-class UnsupportedImage(PermanentError):
-    status = 415
-
-
-class UndecodableImage(PermanentError):
-    status = 422
+# Their names here; the kinds (and statuses) are the domain's.
+ImageTooLarge = TooLarge
+UnsupportedImage = Unsupported
+UndecodableImage = Undecodable
 
 
 @dataclass(frozen=True, slots=True)

@@ -346,6 +346,17 @@ class CaptionPipeline:
         outer: Future[CaptionResult],
         started: float,
     ) -> None:
+        outer.set_result(self._store_failure(request, model, exc, started))
+
+    def record_failure(self, request: CaptionRequest, exc: PermanentError) -> CaptionResult:
+        """A request that failed before it could reach the model (a malformed message, a missing or
+        refused file, a URL that could not be fetched): stored as `failed` with its reason, so
+        nothing accepted vanishes without a record. `request.data` is what identifies it: the
+        message body as received, or the file's bytes; empty means nothing to key it by (then it
+        is reported, not stored). Raises TransientError when the store is down."""
+        return self._store_failure(request, self.model_name, exc, time.perf_counter())
+
+    def _store_failure(self, request: CaptionRequest, model: str, exc: PermanentError, started: float) -> CaptionResult:
         elapsed = time.perf_counter() - started
         sha = sha256_of(request.data) if request.data else None
         result = CaptionResult(
@@ -373,7 +384,7 @@ class CaptionPipeline:
             )
             result.record_id = item["id"]
         self._observe(request, result, started)
-        outer.set_result(result)
+        return result
 
     def _from_item(self, item: dict[str, Any], started: float, *, cached: bool) -> CaptionResult:
         """A result from a stored row: the first caption keeps the emojis stored with it."""

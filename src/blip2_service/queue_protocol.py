@@ -11,15 +11,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .domain import CaptionResult, PermanentError
+from .domain import BadInput, CaptionResult
+from .intake import check_prompt
 
 IMAGE_FIELDS = ("path", "url", "image_b64")
 DEAD_SUFFIX = ".dead"
 REASON_HEADER = "x-blip2-error"
-
-
-class BadRequestMessage(PermanentError):
-    status = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,32 +36,39 @@ class QueueRequest:
 
 
 def parse_request(body: bytes | str) -> QueueRequest:
-    """Validate a request body; BadRequestMessage says what is wrong (never retried)."""
+    """Validate a request body; BadInput says what is wrong (never retried)."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequestMessage(f"The message body is not JSON: {exc}") from None
+        raise BadInput(f"The message body is not JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise BadRequestMessage("The message body must be a JSON object with one of path, url, image_b64")
+        raise BadInput("The message body must be a JSON object with one of path, url, image_b64")
     present = [f for f in IMAGE_FIELDS if data.get(f) not in (None, "")]
     if len(present) != 1:
         which = ", ".join(present) if present else "none"
-        raise BadRequestMessage(f"Exactly one of path, url, image_b64 is needed; the message has {which}")
+        raise BadInput(f"Exactly one of path, url, image_b64 is needed; the message has {which}")
     kind = present[0]
     value = data[kind]
     if not isinstance(value, str):
-        raise BadRequestMessage(f"{kind} must be a string")
-    prompt = data.get("prompt")
-    if prompt is not None and (not isinstance(prompt, str) or len(prompt) > 500):
-        raise BadRequestMessage("prompt must be a string of at most 500 characters")
-    return QueueRequest(kind, value, data.get("id"), prompt or None)
+        raise BadInput(f"{kind} must be a string")
+    return QueueRequest(kind, value, data.get("id"), check_prompt(data.get("prompt")))
+
+
+def peek_id(body: bytes) -> Any:
+    """The sender's `id` of a body that failed validation, when it has one (for the failed record)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    value = data.get("id") if isinstance(data, dict) else None
+    return value if isinstance(value, str | int) else None
 
 
 def decode_b64(value: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise BadRequestMessage("image_b64 is not valid base64") from None
+        raise BadInput("image_b64 is not valid base64") from None
 
 
 def result_body(

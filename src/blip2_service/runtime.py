@@ -143,6 +143,19 @@ class Runtime:
     def make_app(self) -> web.Application:
         return make_app(self.http_context())
 
+    def app_runner(self) -> web.AppRunner:
+        """The HTTP server with its edge deadlines (REQUEST_TIMEOUT).
+
+        aiohttp's keepalive_timeout closes a connection that has not completed a request that long
+        after it opened or after its last response: an idle keep-alive connection, or a client still
+        trickling its headers (slowloris). Bodies have their own deadline in intake.read_stream.
+        """
+        timeout = self.settings.request_timeout
+        # lingering_time: how long the rest of a refused body is drained before the socket closes.
+        return web.AppRunner(
+            self.make_app(), access_log=None, keepalive_timeout=timeout, lingering_time=min(2.0, timeout)
+        )
+
     # -- adapters -------------------------------------------------------------------------
 
     def start_adapters(self, *, watch: bool, consume: bool) -> None:
@@ -203,7 +216,7 @@ class Runtime:
     async def serve(self, *, watch: bool = True, consume: bool = True) -> None:
         """Run the HTTP API (and configured adapters) until SIGINT/SIGTERM, then drain."""
         self.start()
-        runner = web.AppRunner(self.make_app(), access_log=None)
+        runner = self.app_runner()
         await runner.setup()
         site = web.TCPSite(runner, self.settings.host, self.settings.port)
         await site.start()

@@ -26,11 +26,21 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from .config import Settings
-from .domain import CaptionError, CaptionRequest, CaptionResult, GenerationSettings, Source, TransientError
+from .domain import (
+    CaptionError,
+    CaptionRequest,
+    CaptionResult,
+    Forbidden,
+    GenerationSettings,
+    NotFound,
+    Source,
+    TransientError,
+)
 from .imaging import IMAGE_SUFFIXES
-from .localfiles import FileMissing, read_file
+from .intake import read_path
 from .metrics import Metrics
 from .pipeline import CaptionPipeline
+from .retry import WORK, Backoff
 from .store.repository import CaptionRepository
 
 log = logging.getLogger(__name__)
@@ -38,6 +48,7 @@ log = logging.getLogger(__name__)
 TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download", "~")
 Publish = Callable[[dict[str, Any]], None]
 StatFn = Callable[[Path], tuple[int, float] | None]
+_SYMLINK_SKIPPED = "skipping %s: %s (set WATCH_FOLLOW_SYMLINKS=true to follow it)"
 
 
 def is_temporary(path: Path) -> bool:
@@ -175,7 +186,8 @@ class FolderWatcher:
         metrics: Metrics | None = None,
         max_file_size: int = 33_554_432,
         poll_interval: float = 1.0,
-        retry_delay: float = 5.0,
+        follow_symlinks: bool = False,
+        backoff: Backoff = WORK,
     ) -> None:
         if mode == "publish" and publish is None:
             raise ValueError("WATCH_MODE=publish needs BROKER_URL: the watcher publishes to the queue")
@@ -190,7 +202,9 @@ class FolderWatcher:
         self.metrics = metrics or Metrics()
         self.max_file_size = max_file_size
         self.poll_interval = poll_interval
-        self.retry_delay = retry_delay
+        self.follow_symlinks = follow_symlinks
+        self.backoff = backoff
+        self._attempts: dict[Path, int] = {}
         self.tracker = StabilityTracker(settle_seconds)
         self.stats = _Stats()
         self._observers: list[Any] = []
@@ -223,6 +237,7 @@ class FolderWatcher:
             publish=publish,
             metrics=metrics,
             max_file_size=settings.max_file_size,
+            follow_symlinks=settings.watch_follow_symlinks,
         )
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -378,13 +393,19 @@ class FolderWatcher:
                 self._retry_later(path, f"publishing failed: {exc}")
             return
         try:
-            data, stat = read_file(path, self.max_file_size)
-        except FileMissing:
+            # The watched folders are the roots: a symlink pointing out of them is not followed
+            # (its target's bytes would be stored and its thumbnail served) unless configured.
+            found = read_path(str(path), None if self.follow_symlinks else self.folders, self.max_file_size)
+        except NotFound:
             return  # deleted while settling
+        except Forbidden:
+            self._failed(path, "a symlink out of the watched folders", "skipped", _SYMLINK_SKIPPED)
+            return
         except CaptionError as exc:  # too large, unreadable: nothing to hash, so log it loudly
             self._failed(path, exc.message, "failed", "skipping %s: %s")
             return
-        if (stat.st_size, stat.st_mtime) != (size, mtime):
+        data = found.data
+        if (found.size, found.mtime) != (size, mtime):
             self.tracker.touch(path)  # changed between stability and reading: wait again
             return
         request = CaptionRequest(Source.WATCH, str(path), data, self.generation, file_size=size, file_mtime=mtime)
@@ -406,6 +427,7 @@ class FolderWatcher:
             self._failed(path, str(exc), "error", "captioning %s failed: %s")
             return
         result = future.result()
+        self._attempts.pop(path, None)
         if result.ok:
             self.stats.captioned += 1
             self.metrics.watch_files.labels("captioned").inc()
@@ -420,6 +442,9 @@ class FolderWatcher:
         log.warning(message, path, reason)
 
     def _retry_later(self, path: Path, reason: str) -> None:
+        attempt = self._attempts.get(path, 0) + 1
+        self._attempts[path] = attempt
+        delay = self.backoff.delay(attempt)
         self.stats.last_error = f"{path}: {reason}"
-        log.warning("%s will be retried in %.0fs: %s", path, self.retry_delay, reason)
-        self._retry_at[path] = time.monotonic() + self.retry_delay
+        log.warning("%s will be retried in %.0fs: %s", path, delay, reason)
+        self._retry_at[path] = time.monotonic() + delay

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from sqlalchemy import func, select
 
 from blip2_service.domain import GenerationSettings
 from blip2_service.pipeline import CaptionPipeline
+from blip2_service.retry import Backoff
 from blip2_service.store import CaptionFilter, CaptionRepository
 from blip2_service.store.tables import captions, sightings
 from blip2_service.watcher import FolderWatcher
@@ -40,7 +42,7 @@ def start_watcher(
     started: list[FolderWatcher] = []
     pipeline = make_pipeline(sqlite_store, max_pending=256, batch_max_size=16)
 
-    def start(folder: Path | None = None, settle: float = 0.4) -> FolderWatcher:
+    def start(folder: Path | None = None, settle: float = 0.4, **kw: Any) -> FolderWatcher:
         watcher = FolderWatcher(
             [folder or tmp_path / "inbox"],
             pipeline=pipeline,
@@ -49,7 +51,8 @@ def start_watcher(
             settle_seconds=settle,
             polling=polling,
             poll_interval=0.2,
-            retry_delay=0.5,
+            backoff=Backoff(0.5, 0.5),
+            **kw,
         )
         watcher.start()
         started.append(watcher)
@@ -203,3 +206,26 @@ def test_when_inotify_cannot_be_used_the_folder_is_polled_with_one_log_line(
     assert watcher.health()["folders"] == {str(inbox.resolve()): "polling"}
     lines = [r.message for r in caplog.records if "fs.inotify.max_user_watches" in r.message]
     assert len(lines) == 1
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_a_symlink_out_of_the_watched_folder_is_skipped_unless_following_is_configured(
+    start_watcher: Callable[..., FolderWatcher], sqlite_store: CaptionRepository, tmp_path: Path, follow: bool
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    secret = tmp_path / "private" / "secret.jpg"
+    secret.parent.mkdir()
+    secret.write_bytes(image_bytes(4242))
+    (inbox / "inside.jpg").write_bytes(image_bytes(4243))
+    os.symlink(secret, inbox / "link.jpg")
+    watcher = start_watcher(inbox, follow_symlinks=follow)
+    expected = 2 if follow else 1
+    wait_until(lambda: watcher.stats.captioned + watcher.stats.failed >= 2, 30, "both files handled")
+    secret_sha = hashlib.sha256(secret.read_bytes()).hexdigest()
+    with sqlite_store.engine.connect() as conn:
+        stored = {row[0] for row in conn.execute(select(captions.c.image_sha256))}
+    assert len(stored) == expected
+    assert (secret_sha in stored) is follow  # never stored (nor its thumbnail served) unless allowed
+    if not follow:
+        assert "symlink out of the watched folders" in (watcher.stats.last_error or "")

@@ -59,6 +59,7 @@ def _start(tmp_path: Path, data_dir: Path, **env: str) -> tuple[subprocess.Popen
         "DATABASE_URL": f"sqlite:///{tmp_path / 'e2e.db'}",
         "WATCH_DIRS": str(tmp_path / "inbox"),
         "AUTO_UPDATE": "false",
+        "HEALTH_DETAILS": "true",  # these tests read the watcher's state from /health
         **env,
     }
     (tmp_path / "inbox").mkdir(exist_ok=True)

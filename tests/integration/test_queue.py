@@ -23,10 +23,12 @@ from blip2_service.amqp_topology import Topology
 from blip2_service.consumer import QueueConsumer
 from blip2_service.domain import GenerationSettings
 from blip2_service.fetching import UrlFetcher
+from blip2_service.intake import AddressPolicy
 from blip2_service.pipeline import CaptionPipeline
 from blip2_service.publisher import QueuePublisher
 from blip2_service.queue_protocol import REASON_HEADER
-from blip2_service.store import CaptionFilter, CaptionRepository, RetryPolicy, make_engine, upgrade
+from blip2_service.retry import Backoff
+from blip2_service.store import CaptionFilter, CaptionRepository, make_engine, upgrade
 from blip2_service.store.tables import captions
 
 from ..conftest import AMQP_URL, image_bytes, port_open, service_missing, wait_until
@@ -126,9 +128,8 @@ def start_consumer(
             prefetch=prefetch,
             generation=FAST,
             max_file_size=10_000_000,
-            fetcher=UrlFetcher(timeout=5, max_bytes=10_000_000, allow_private=True),
-            retry_base=0.2,
-            retry_max=1.0,
+            fetcher=UrlFetcher(timeout=5, max_bytes=10_000_000, policy=AddressPolicy(allow_private=True)),
+            backoff=Backoff(0.2, 1.0),
             **kw,
         )
         consumer.start()
@@ -155,7 +156,7 @@ def test_a_hundred_requests_are_stored_and_announced_and_rpc_replies_match(
     topology: Topology,
     tmp_path: Path,
 ) -> None:
-    start_consumer(sqlite_store)
+    start_consumer(sqlite_store, file_roots=[tmp_path.resolve()])
     for i in range(100):
         if i % 2:
             request = {"id": f"r{i}", "image_b64": base64.b64encode(image_bytes(500 + i)).decode()}
@@ -205,7 +206,7 @@ def test_bad_requests_are_dead_lettered_with_a_reason_and_announced(
     topology: Topology,
     tmp_path: Path,
 ) -> None:
-    consumer = start_consumer(sqlite_store)
+    consumer = start_consumer(sqlite_store, file_roots=[tmp_path.resolve()])
     bad_bytes = image_bytes(77, size=(200, 200))[:1500]
     with Connection(broker) as conn:
         producer = conn.Producer()
@@ -246,14 +247,133 @@ def test_bad_requests_are_dead_lettered_with_a_reason_and_announced(
     assert any("File not found" in r for r in reasons)
     assert any("cannot be decoded" in r for r in reasons)
     assert any("not valid base64" in r for r in reasons)
-    # the undecodable image is stored as failed with its reason
+    # every one is stored as failed with its reason: nothing accepted vanishes without a record
     failed, _ = sqlite_store.query(CaptionFilter(status="failed"))
-    assert len(failed) == 1 and "cannot be decoded" in failed[0]["error"]
+    assert len(failed) == 7 and {item["source"] for item in failed} == {"queue"}
+    assert {item["error"] for item in failed} == reasons
+    assert {item["source_ref"] for item in failed} >= {"message:none", "message:both", str(tmp_path / "nope.jpg")}
     # and the consumer is still running
     publisher.publish({"id": "after", "image_b64": base64.b64encode(image_bytes(78)).decode()})
     items = results.wait(8, timeout=60)
     assert items[-1][0] == "caption.succeeded"
     assert consumer.health()["state"] == "connected"
+
+
+def _dead_letters(broker: str, topology: Topology) -> list[Any]:
+    out = []
+    with Connection(broker) as conn:
+        channel = conn.channel()
+        while (message := channel.basic_get(topology.dead_name, no_ack=True)) is not None:
+            out.append(message)
+    return out
+
+
+def test_an_empty_message_is_dead_lettered_once_and_the_ten_behind_it_are_captioned(
+    start_consumer: Callable[..., QueueConsumer],
+    sqlite_store: CaptionRepository,
+    publisher: QueuePublisher,
+    results: Results,
+    broker: str,
+    topology: Topology,
+) -> None:
+    """A zero-length body once jammed the queue (dead-lettering re-encoded it as 'binary')."""
+    consumer = start_consumer(sqlite_store)
+    with Connection(broker) as conn:
+        conn.Producer().publish(b"", exchange="", routing_key=topology.queue_name, message_id="empty-1")
+    for i in range(10):
+        publisher.publish({"id": f"good{i}", "image_b64": base64.b64encode(image_bytes(900 + i)).decode()})
+    items = results.wait(11, timeout=90)
+    keys = [key for key, _ in items]
+    assert keys.count("caption.failed") == 1 and keys.count("caption.succeeded") == 10
+    wait_until(lambda: consumer.health()["in_flight"] == 0, 30, "every message acknowledged")
+    assert len(_dead_letters(broker, topology)) == 1
+    stored, _ = sqlite_store.query(CaptionFilter(status="succeeded"))
+    assert len(stored) == 10
+    failed, _ = sqlite_store.query(CaptionFilter(status="failed"))
+    assert [f["source_ref"] for f in failed] == ["message:empty-1"]
+    health = consumer.health()
+    assert health["state"] == "connected" and health["reconnects"] == 0
+    with Connection(broker) as conn:  # nothing left unacknowledged on the queue
+        assert conn.SimpleQueue(topology.request_queue).qsize() == 0
+
+
+def test_a_path_outside_the_roots_and_a_missing_file_are_stored_failed_and_announced(
+    start_consumer: Callable[..., QueueConsumer],
+    store: CaptionRepository,
+    publisher: QueuePublisher,
+    results: Results,
+    broker: str,
+    topology: Topology,
+    tmp_path: Path,
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(image_bytes(31))
+    start_consumer(store, file_roots=[inbox.resolve()])
+    publisher.publish({"id": "outside", "path": str(secret)})
+    publisher.publish({"id": "missing", "path": str(inbox / "gone.jpg")})
+    items = results.wait(2, timeout=60)
+    assert [key for key, _ in items] == ["caption.failed", "caption.failed"]
+    by_id = {body["request"]["id"]: body for _, body in items}
+    assert "outside the allowed folders" in by_id["outside"]["error"]["message"]
+    assert "File not found" in by_id["missing"]["error"]["message"]
+    assert all(body["record_id"] for body in by_id.values())
+    failed, _ = store.query(CaptionFilter(status="failed"))
+    assert {f["source_ref"] for f in failed} == {str(secret), str(inbox / "gone.jpg")}
+    assert all(f["source"] == "queue" and f["error"] for f in failed)
+    assert not store.query(CaptionFilter(status="succeeded"))[0]  # the secret was never read
+
+
+def test_dead_lettered_copies_keep_their_message_properties(
+    start_consumer: Callable[..., QueueConsumer],
+    sqlite_store: CaptionRepository,
+    results: Results,
+    broker: str,
+    topology: Topology,
+) -> None:
+    start_consumer(sqlite_store)
+    with Connection(broker) as conn:
+        conn.Producer().publish(
+            {"id": "x"},
+            exchange="",
+            routing_key=topology.queue_name,
+            serializer="json",
+            message_id="m-42",
+            correlation_id="c-42",
+            reply_to=f"{topology.queue_name}.nowhere",
+            headers={"x-trace": "t1"},
+        )
+    results.wait(1, timeout=60)
+    dead: list[Any] = []
+
+    def collected() -> bool:
+        dead.extend(_dead_letters(broker, topology))
+        return bool(dead)
+
+    wait_until(collected, 30, "the dead-lettered copy")
+    message = dead[0]
+    assert message.properties["message_id"] == "m-42"
+    assert message.properties["correlation_id"] == "c-42"
+    assert message.properties["reply_to"] == f"{topology.queue_name}.nowhere"
+    assert message.headers["x-trace"] == "t1" and "Exactly one of" in message.headers[REASON_HEADER]
+
+
+def test_a_queue_declared_with_other_arguments_stops_the_consumer_with_one_line(
+    start_consumer: Callable[..., QueueConsumer],
+    sqlite_store: CaptionRepository,
+    broker: str,
+    topology: Topology,
+) -> None:
+    with Connection(broker) as conn:
+        conn.channel().queue_declare(topology.queue_name, durable=True, auto_delete=False)  # no dead letters
+    consumer = start_consumer(sqlite_store)
+    wait_until(lambda: consumer.health()["state"] == "failed", 30, "the consumer to give up")
+    error = consumer.health()["last_error"]
+    assert "exists with other arguments" in error and "QUEUE_NAME" in error
+    reconnects = consumer.health()["reconnects"]
+    time.sleep(2)  # it stays stopped: no retry loop
+    assert consumer.health()["reconnects"] == reconnects and consumer.health()["state"] == "failed"
 
 
 def test_a_store_outage_delays_but_loses_nothing(
@@ -269,7 +389,7 @@ def test_a_store_outage_delays_but_loses_nothing(
     proxy.start()
     engine = make_engine(real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
     upgrade(engine)
-    store = CaptionRepository(engine, RetryPolicy(attempts=2, first_delay=0.1))
+    store = CaptionRepository(engine, Backoff(0.1, 3.0, 2))
     consumer = start_consumer(store)
     proxy.stop()  # Postgres connections refused from here on
     for i in range(10):
@@ -400,7 +520,7 @@ def test_the_consumer_reconnects_after_the_broker_goes_away_and_loses_nothing(
         prefetch=4,
         generation=FAST,
         max_file_size=10_000_000,
-        fetcher=UrlFetcher(timeout=5, max_bytes=10_000_000, allow_private=True),
+        fetcher=UrlFetcher(timeout=5, max_bytes=10_000_000, policy=AddressPolicy(allow_private=True)),
     )
     consumer.start()
     try:

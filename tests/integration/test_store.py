@@ -11,12 +11,12 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
 
 from blip2_service.domain import GenerationSettings, TransientError
+from blip2_service.retry import Backoff
 from blip2_service.store import (
     CaptionFilter,
     CaptionRepository,
     ImageInfo,
     NewCaption,
-    RetryPolicy,
     Sighting,
     make_engine,
     upgrade,
@@ -195,13 +195,13 @@ def test_a_database_that_is_down_is_a_transient_error_then_recovers(pg_url: str)
     url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     engine = make_engine(url)
     upgrade(engine)
-    store = CaptionRepository(engine, RetryPolicy(attempts=3, first_delay=0.05))
+    store = CaptionRepository(engine, Backoff(0.05, 3.0, 3))
     store.save(_new(1, "before the outage"))
     proxy.stop()
     with pytest.raises(TransientError, match="The store is unavailable"):
         store.save(_new(2, "during the outage"))
     # back within the retry window: the write goes through
-    store.retry = RetryPolicy(attempts=20, first_delay=0.2, max_delay=0.5)
+    store.retry = Backoff(0.2, 0.5, 20)
     threading.Timer(1.0, proxy.start).start()
     started = time.monotonic()
     item, created = store.save(_new(3, "after the outage"))

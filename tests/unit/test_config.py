@@ -15,7 +15,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _clean_env(monkeypatch, tmp_path)
     s = load_settings()
-    assert (s.port, s.private, s.api_key, s.cors_origins) == (7777, False, "", ["*"])
+    assert (s.port, s.private, s.api_key, s.cors_origins) == (7777, False, "", [])
     assert s.model == "Salesforce/blip2-opt-2.7b"
     assert (s.device, s.dtype, s.num_beams, s.max_new_tokens, s.min_new_tokens) == ("auto", "auto", 5, 30, 1)
     assert (s.batch_max_size, s.batch_max_wait_ms) == (16, 10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Every error leaves as JSON with a message that says what to do; 500 only for bugs."""
     try:
         return await handler(request)
+    except ConnectionResetError:
+        # The client went away mid-request (closed the socket during its upload): not our error.
+        log.info("client disconnected during %s %s", request.method, request.path)
+        return _problem(request, 400, "The client disconnected before the request was complete")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -76,6 +81,16 @@ def cors_middleware(origins: list[str]) -> Callable[[web.Request, Handler], Awai
     return middleware
 
 
+def request_key(request: web.Request) -> bytes:
+    """The API key a request carries (X-API-Key or Authorization: Bearer), as bytes."""
+    given = request.headers.get("X-API-Key", "")
+    auth = request.headers.get("Authorization", "")
+    if not given and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    # Header bytes that are not UTF-8 arrive as surrogates: compare them as the bytes they were.
+    return given.encode("utf-8", "surrogateescape")
+
+
 def auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     expected = api_key.encode()
 
@@ -83,13 +98,10 @@ def auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method == "OPTIONS" or request.path in _OPEN_PATHS:
             return await handler(request)
-        given = request.headers.get("X-API-Key", "")
-        auth = request.headers.get("Authorization", "")
-        if not given and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
+        given = request_key(request)
         if not given:
             return _problem(request, 401, "Missing API key: send Authorization: Bearer <key> or X-API-Key: <key>")
-        if not hmac.compare_digest(given.encode(), expected):
+        if not hmac.compare_digest(given, expected):
             return _problem(request, 401, "Wrong API key: check the API_KEY the service was started with")
         return await handler(request)
 
@@ -109,15 +121,21 @@ def metrics_middleware(ctx: HttpContext) -> Callable[[web.Request, Handler], Awa
 
 
 async def health(request: web.Request) -> web.Response:
+    """Status for anyone; paths, hosts and last errors only with the API key or HEALTH_DETAILS=true."""
     ctx = request.app[CONTEXT]
     holder = ctx.holder
+    store_problem = None
+    if ctx.store is not None:
+        store_problem = await asyncio.get_running_loop().run_in_executor(None, ctx.store.write_problem)
+    healthy = holder.status == "loaded" and store_problem is None
     body: dict[str, object] = {
-        "status": "healthy" if holder.status == "loaded" else "unhealthy",
+        "status": "healthy" if healthy else "unhealthy",
         "model_status": holder.status,
         "device": str(holder.captioner.loaded.device) if holder.captioner else ctx.settings.device,
         "model": ctx.settings.model,
         "version": __version__,
         "pending": ctx.pipeline.pending,
+        "store": "down" if store_problem else "up",
     }
     if holder.captioner is not None:
         body["dtype"] = str(holder.captioner.loaded.dtype).removeprefix("torch.")
@@ -129,8 +147,14 @@ async def health(request: web.Request) -> web.Response:
         }
     if holder.error:
         body["error"] = holder.error
-    body.update(ctx.health_extras())
-    return json_response(body, status=200 if holder.status == "loaded" else 503)
+    if store_problem:
+        body["unavailable"] = ["store"]
+    api_key = ctx.settings.api_key
+    if ctx.settings.health_details or (api_key and hmac.compare_digest(request_key(request), api_key.encode())):
+        if store_problem:
+            body["store_error"] = store_problem
+        body.update(ctx.health_extras())
+    return json_response(body, status=200 if healthy else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

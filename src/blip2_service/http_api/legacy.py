@@ -6,21 +6,27 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Mapping
+from functools import partial
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
-from ..domain import CaptionError, CaptionRequest, GenerationSettings, Source, TransientError
-from ..localfiles import read_file, resolve_within
+from ..domain import (
+    BadInput,
+    CaptionError,
+    CaptionRequest,
+    GenerationSettings,
+    Source,
+    TransientError,
+    Unsupported,
+)
+from ..intake import check_prompt, check_size, public_url, read_path, read_stream
 from .context import CONTEXT, HttpContext
 from .responses import NO_INPUT, error_response, json_response, success_body
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-MAX_PROMPT_CHARS = 500
-
-
-class BadRequest(CaptionError):
-    status = 400
 
 
 def _flag(query: Mapping[str, str], name: str, default: bool) -> bool:
@@ -32,75 +38,65 @@ def _flag(query: Mapping[str, str], name: str, default: bool) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise BadRequest(f"{name}={raw!r} is not a boolean; use true or false")
+    raise BadInput(f"{name}={raw!r} is not a boolean; use true or false")
 
 
 def generation_from_query(query: Mapping[str, str], defaults: GenerationSettings) -> GenerationSettings:
-    prompt = query.get("prompt") or None
-    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
-        raise BadRequest(f"prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    prompt = check_prompt(query.get("prompt"))
     raw_n = query.get("num_captions", "1") or "1"
     try:
         num = int(raw_n)
     except ValueError:
-        raise BadRequest(f"num_captions={raw_n!r} is not a whole number from 1 to 5") from None
+        raise BadInput(f"num_captions={raw_n!r} is not a whole number from 1 to 5") from None
     if not 1 <= num <= 5:
-        raise BadRequest(f"num_captions={num} is out of range; use 1 to 5")
-    return dataclasses.replace(defaults, prompt=prompt.strip() if prompt else None, num_captions=num)
+        raise BadInput(f"num_captions={num} is out of range; use 1 to 5")
+    return dataclasses.replace(defaults, prompt=prompt, num_captions=num)
 
 
-async def _read_stream(stream: BodyPartReader | web.Request, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        chunk = await (stream.read_chunk(65536) if isinstance(stream, BodyPartReader) else stream.content.read(65536))
-        if not chunk:
-            break
-        total += len(chunk)
-        if total > limit:
-            raise CaptionError(f"The upload is over MAX_FILE_SIZE={limit} bytes; send a smaller image", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _read_upload(request: web.Request, limit: int) -> tuple[bytes, str]:
+async def _read_upload(request: web.Request, limit: int, deadline: float) -> tuple[bytes, str]:
     ctype = request.content_type
-    if request.content_length is not None and request.content_length > limit + 65536:
-        raise CaptionError(
-            f"The request body is {request.content_length} bytes, over MAX_FILE_SIZE={limit}", status=413
-        )
-    if ctype.startswith("multipart/"):
-        reader = await request.multipart()
-        async for part in reader:
-            if isinstance(part, BodyPartReader) and part.name in ("file", "image"):
-                data = await _read_stream(part, limit)
-                return data, f"upload:{part.filename or 'file'}"
-        raise BadRequest("The multipart form has no 'file' field; send the image as -F file=@photo.jpg")
-    if ctype.startswith("image/") or ctype == "application/octet-stream":
-        return await _read_stream(request, limit), "upload"
-    raise CaptionError(
+    check_size(request.content_length, limit)
+    try:
+        if ctype.startswith("multipart/"):
+            try:
+                reader = await request.multipart()
+            except (ValueError, AssertionError, KeyError) as exc:
+                raise BadInput(f"The multipart body cannot be read ({exc}); send it as -F file=@photo.jpg") from None
+            async for part in reader:
+                if isinstance(part, BodyPartReader) and part.name in ("file", "image"):
+                    data = await read_stream(partial(part.read_chunk, 65536), limit, deadline=deadline)
+                    return data, f"upload:{part.filename or 'file'}"
+            raise BadInput("The multipart form has no 'file' field; send the image as -F file=@photo.jpg")
+        if ctype.startswith("image/") or ctype == "application/octet-stream":
+            return await read_stream(lambda: request.content.read(65536), limit, deadline=deadline), "upload"
+    except (HttpProcessingError, RequestPayloadError, ValueError, AssertionError) as exc:
+        # A body that does not match its own framing: a bad boundary, a gzip header over
+        # bytes that are not gzip, a chunk size that is not hex.
+        detail = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        raise BadInput(f"The request body cannot be read: {detail}") from None
+    raise Unsupported(
         f"Content-Type {ctype or '(none)'} is not supported: POST multipart/form-data with a 'file' "
-        "field, or the raw image with Content-Type image/* or application/octet-stream",
-        status=415,
+        "field, or the raw image with Content-Type image/* or application/octet-stream"
     )
 
 
-async def _read_input(request: web.Request, ctx: HttpContext, url_key: str, file_key: str) -> tuple[bytes, str]:
+async def _read_input(
+    request: web.Request, ctx: HttpContext, url_key: str, file_key: str, deadline: float
+) -> tuple[bytes, str]:
     if request.method == "POST" and request.body_exists:
-        return await _read_upload(request, ctx.settings.max_file_size)
+        return await _read_upload(request, ctx.settings.max_file_size, deadline)
     url = request.query.get(url_key) or None
     path = request.query.get(file_key) or None
     if (url is None) == (path is None):
         if url is not None:
-            raise BadRequest(f"Give either {url_key} or {file_key}, not both")
-        raise BadRequest(NO_INPUT)
+            raise BadInput(f"Give either {url_key} or {file_key}, not both")
+        raise BadInput(NO_INPUT)
     if url is not None:
-        return await ctx.fetcher.fetch(url), url
+        return await ctx.fetcher.fetch(url), public_url(url)
     assert path is not None
-    resolved = resolve_within(path, ctx.file_roots)
     loop = asyncio.get_running_loop()
-    data, _stat = await loop.run_in_executor(None, read_file, resolved, ctx.settings.max_file_size)
-    return data, str(resolved)
+    found = await loop.run_in_executor(None, read_path, path, ctx.file_roots, ctx.settings.max_file_size)
+    return found.data, found.real_path
 
 
 async def _analyze(request: web.Request, url_key: str, file_key: str) -> web.Response:
@@ -111,13 +107,19 @@ async def _analyze(request: web.Request, url_key: str, file_key: str) -> web.Res
         store = _flag(request.query, "store", True)
         refresh = _flag(request.query, "refresh", False)
         ctx.pipeline.ensure_ready()
-        data, ref = await _read_input(request, ctx, url_key, file_key)
+        deadline = asyncio.get_running_loop().time() + ctx.settings.request_timeout
+        data, ref = await _read_input(request, ctx, url_key, file_key, deadline)
         caption_request = CaptionRequest(Source.HTTP, ref, data, settings, store=store, refresh=refresh)
         result = await asyncio.wrap_future(ctx.pipeline.submit(caption_request))
     except TransientError as exc:
         return error_response(exc.status, exc.message, time.perf_counter() - started, retry_after=exc.retry_after)
     except CaptionError as exc:
-        return error_response(exc.status, exc.message, time.perf_counter() - started)
+        response = error_response(exc.status, exc.message, time.perf_counter() - started)
+        if request.body_exists and not request.content.is_eof():
+            # Refused before the body was read (too slow, too large, malformed): close instead
+            # of draining the rest of it.
+            response.force_close()
+        return response
     if not result.ok:
         return error_response(
             result.error_status or 422,

@@ -5,19 +5,20 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from ..domain import Source, TransientError
-from ..store.repository import CaptionFilter, CaptionRepository, decode_cursor
+from ..store.repository import MAX_ID, CaptionFilter, CaptionRepository, decode_cursor
 from .context import CONTEXT
 from .responses import json_response
 
 T = TypeVar("T")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_ID_RE = re.compile(r"^[0-9]{1,30}$", re.ASCII)
 _STATUSES = ("succeeded", "failed")
 
 
@@ -40,12 +41,17 @@ def _store(request: web.Request) -> CaptionRepository:
 
 
 def _parse_time(name: str, raw: str | None) -> datetime | None:
+    """An ISO 8601 time as UTC (no offset: UTC), within the years the store can hold (1-9999)."""
     if not raw:
         return None
     try:
-        return datetime.fromisoformat(raw.replace("Z", "+00:00").replace(" ", "+"))
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace(" ", "+"))
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not an ISO 8601 time such as 2026-11-27T10:00:00Z") from None
+    try:
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{name}={raw!r} is outside the years 1 to 9999 once converted to UTC") from None
 
 
 def parse_filters(query: Any) -> tuple[CaptionFilter, int, str | None]:
@@ -118,8 +124,10 @@ _BAD_SHA = "An image is named by the 64 hex digits of its sha256"
 
 async def get_caption(request: web.Request) -> web.Response:
     raw = request.match_info["id"]
-    if not raw.isdigit():
-        return _problem(400, f"caption id {raw!r} is not a number")
+    if not _ID_RE.match(raw):
+        return _problem(400, f"caption id {raw[:40]!r} is not a number")
+    if int(raw) > MAX_ID:
+        return _problem(404, f"No caption with id {raw}")
     item = await _lookup(request, lambda store: store.get(int(raw)), f"No caption with id {raw}")
     return item if isinstance(item, web.Response) else json_response(item)
 

@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..domain import GenerationSettings, TransientError
+from ..retry import STORE, Backoff
 from .tables import captions, images, sightings
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,8 @@ class CaptionFilter:
     until: datetime | None = None
 
 
-@dataclass(slots=True)
-class RetryPolicy:
-    attempts: int = 5
-    first_delay: float = 0.2
-    max_delay: float = 3.0
-    sleep: Callable[[float], None] = field(default=time.sleep)
+# Ids are 64-bit integers in both engines; anything larger names no row.
+MAX_ID = 2**63 - 1
 
 
 def encode_cursor(last_id: int) -> str:
@@ -89,9 +86,12 @@ def decode_cursor(cursor: str) -> int:
     """Raises ValueError for anything we did not hand out."""
     padded = cursor + "=" * (-len(cursor) % 4)
     raw = base64.urlsafe_b64decode(padded.encode()).decode()
-    if not raw.startswith("id:"):
+    if not raw.startswith("id:") or not raw[3:].isascii() or not raw[3:].isdigit():
         raise ValueError("not a cursor")
-    return int(raw[3:])
+    value = int(raw[3:])
+    if value > MAX_ID:
+        raise ValueError("not a cursor")
+    return value
 
 
 def _now() -> datetime:
@@ -99,29 +99,33 @@ def _now() -> datetime:
 
 
 class CaptionRepository:
-    def __init__(self, engine: Engine, retry: RetryPolicy | None = None) -> None:
+    def __init__(self, engine: Engine, retry: Backoff = STORE, sleep: Callable[[float], None] = time.sleep) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
-        self.retry = retry or RetryPolicy()
+        self.retry = retry
+        self._sleep = sleep
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
 
     # -- plumbing -------------------------------------------------------------------------
 
     def _retrying(self, what: str, fn: Callable[[], T]) -> T:
-        delay = self.retry.first_delay
-        for attempt in range(1, self.retry.attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return fn()
             except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-                if attempt == self.retry.attempts:
+                # Drop pooled connections: one opened while the file was read-only (or to a
+                # database that has since restarted) stays broken, a new one may not be.
+                self.engine.dispose()
+                if self.retry.gives_up_after(attempt):
                     raise TransientError(
                         f"The store is unavailable ({what}): {str(exc.orig).strip().splitlines()[0]}",
                         retry_after=5,
                     ) from exc
+                delay = self.retry.delay(attempt)
                 log.warning("store %s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, exc.orig)
-                self.retry.sleep(delay)
-                delay = min(delay * 2, self.retry.max_delay)
-        raise AssertionError("unreachable")
+                self._sleep(delay)
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -135,6 +139,33 @@ class CaptionRepository:
             return True
         except sa_exc.SQLAlchemyError:
             return False
+
+    def write_problem(self) -> str | None:
+        """Why the store cannot take writes now (down, read-only, ...), or None when it can.
+
+        Writes a no-op update and rolls it back: only a real write shows a read-only file or
+        database (a read, or even SQLite's write lock, succeeds there).
+        """
+        try:
+            with self.engine.connect() as conn:
+                if self.dialect == "sqlite":
+                    conn.exec_driver_sql("PRAGMA busy_timeout=200")
+                    conn.commit()
+                try:
+                    with conn.begin() as tx:
+                        conn.execute(text("UPDATE alembic_version SET version_num = version_num"))
+                        tx.rollback()
+                except sa_exc.OperationalError as exc:
+                    if "locked" not in str(exc.orig):  # another writer holds the lock: writable
+                        raise
+                finally:
+                    if self.dialect == "sqlite":
+                        conn.exec_driver_sql("PRAGMA busy_timeout=30000")
+            return None
+        except sa_exc.SQLAlchemyError as exc:
+            self.engine.dispose()
+            orig = getattr(exc, "orig", None) or exc
+            return str(orig).strip().splitlines()[0] if str(orig).strip() else type(exc).__name__
 
     # -- writes ---------------------------------------------------------------------------
 
