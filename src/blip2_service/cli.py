@@ -11,8 +11,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .captioner.loading import ModelLoadError
 from .config import ConfigError, Settings, load_settings
 from .logs import setup_logging
+from .store.migrate import StoreSetupError
 
 log = logging.getLogger("blip2_service")
 
@@ -92,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[command](settings, args)
     except KeyboardInterrupt:
         return 130
+    except (StoreSetupError, ModelLoadError) as exc:
+        print(f"blip2-service: {exc}", file=sys.stderr)
+        return 1
 
 
 def _serve(settings: Settings, _args: argparse.Namespace) -> int:
@@ -132,6 +137,7 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
 
     from .domain import CaptionRequest, CaptionResult, Source
     from .intake import read_path
+    from .outcome import cli_line
     from .runtime import Runtime
 
     files = list(iter_images(args.paths))
@@ -146,21 +152,8 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
 
     def emit(path: Path, result: CaptionResult | BaseException) -> None:
         nonlocal failures
-        line: dict[str, Any] = {"path": str(path)}
-        if isinstance(result, BaseException):
-            failures += 1
-            line.update(status="failed", error=str(result))
-        else:
-            failures += 0 if result.ok else 1
-            line.update(
-                status=result.status,
-                text=result.text,
-                emoji_mappings=[m.as_dict() for m in result.predictions[0].emoji_mappings] if result.ok else [],
-                record_id=result.record_id,
-                image_sha256=result.image_sha256,
-                cached=result.cached,
-                error=result.error,
-            )
+        line = cli_line(str(path), result)
+        failures += 0 if line["status"] == "succeeded" else 1
         print(json.dumps(line, ensure_ascii=False), flush=True)
 
     try:
@@ -223,7 +216,7 @@ def _db(settings: Settings, _args: argparse.Namespace) -> int:
     from .store import make_engine, upgrade
     from .store.migrate import current_revision
 
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, schema=settings.db_schema)
     upgrade(engine)
     print(f"database at revision {current_revision(engine)}")
     return 0

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(30, ge=1, le=512)
     min_new_tokens: int = Field(1, ge=0, le=512)
     torch_threads: int = Field(0, ge=0, le=1024)
+    load_wait_seconds: float = Field(300, ge=0, le=86_400)
+    listen_after_load: bool = False
     compile: Literal["auto", "on", "off"] = "auto"
     compile_buckets: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
 
@@ -77,6 +79,7 @@ class Settings(BaseSettings):
     # Store
     data_dir: Path = Path("./data")
     database_url: str = "sqlite:///./data/blip2.db"
+    db_schema: str = Field("blip2", min_length=1, max_length=63, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
     # Queue
     broker_url: str = ""

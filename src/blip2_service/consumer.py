@@ -41,8 +41,9 @@ from .domain import (
 from .fetching import UrlFetcher
 from .intake import public_url, read_path
 from .metrics import Metrics
+from .outcome import queue_result
 from .pipeline import CaptionPipeline
-from .queue_protocol import REASON_HEADER, QueueRequest, decode_b64, parse_request, peek_id, result_body
+from .queue_protocol import REASON_HEADER, QueueRequest, decode_b64, parse_request, peek_id
 from .retry import WORK, Backoff
 
 log = logging.getLogger(__name__)
@@ -368,7 +369,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
             return
         echo = held.request.echo() if held.request else {"id": peek_id(_body_bytes(message))}
         ok = outcome.kind == "ok"
-        body = result_body(outcome.result, framework=self.pipeline.framework, request=echo, error=outcome.error)
+        body = queue_result(outcome.result, framework=self.pipeline.framework, request=echo, error=outcome.error)
         routing_key = "caption.succeeded" if ok else "caption.failed"
         self.producer.publish(
             body,

@@ -179,7 +179,7 @@ class CaptionPipeline:
                     "The model is warming up (preparing its compiled decode step); retry in a few seconds",
                     retry_after=10,
                 )
-            raise ModelNotReady("The model is still loading; retry in a few seconds", retry_after=10)
+            raise ModelNotReady("The model is still loading; retry shortly", retry_after=10)
         return captioner
 
     def caption(self, request: CaptionRequest, timeout: float | None = None) -> CaptionResult:

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .domain import BadInput, CaptionResult
+from .domain import BadInput
 from .intake import check_prompt
 
 IMAGE_FIELDS = ("path", "url", "image_b64")
@@ -69,37 +69,3 @@ def decode_b64(value: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise BadInput("image_b64 is not valid base64") from None
-
-
-def result_body(
-    result: CaptionResult | None,
-    *,
-    framework: str,
-    request: dict[str, Any] | None,
-    error: str | None = None,
-) -> dict[str, Any]:
-    """The legacy success or error body plus `request`, `record_id` and `image_sha256`."""
-    if result is not None and result.ok:
-        body: dict[str, Any] = {
-            "service": "blip2",
-            "status": "success",
-            "predictions": [p.as_dict() for p in result.predictions],
-            "metadata": {
-                "processing_time": round(result.processing_time, 3),
-                "model_info": {"framework": framework, "name": result.model},
-                "cached": result.cached,
-            },
-        }
-    else:
-        message = error or (result.error if result is not None else None) or "failed"
-        body = {
-            "service": "blip2",
-            "status": "error",
-            "predictions": [],
-            "error": {"message": message},
-            "metadata": {"processing_time": round(result.processing_time, 3) if result else 0.0},
-        }
-    body["request"] = request
-    body["record_id"] = result.record_id if result is not None else None
-    body["image_sha256"] = result.image_sha256 if result is not None else None
-    return body

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from .captioner.generate import Captioner
 from .captioner.holder import ModelHolder
-from .captioner.loading import LoadedModel, load_model, resolve_model_id
+from .captioner.loading import LoadedModel, ModelLoadError, load_model, resolve_model_id
 from .captioner.static_decode import make_decoder
 from .config import ConfigError, Settings
 from .emoji import build_mapper
@@ -56,7 +56,7 @@ class Runtime:
         """`holder` lets tests share one loaded model across runtimes; normally built here."""
         self.settings = settings
         self.metrics = Metrics()
-        self.engine = make_engine(settings.database_url)
+        self.engine = make_engine(settings.database_url, schema=settings.db_schema)
         self.store = CaptionRepository(self.engine)
         self.mapper = build_mapper(settings)
         self.holder = holder or ModelHolder(
@@ -216,6 +216,13 @@ class Runtime:
     async def serve(self, *, watch: bool = True, consume: bool = True) -> None:
         """Run the HTTP API (and configured adapters) until SIGINT/SIGTERM, then drain."""
         self.start()
+        if self.settings.listen_after_load:
+            # As the legacy service did: no connection is accepted until the model is ready, so
+            # clients that retry on refused connections never see a 503.
+            log.info("LISTEN_AFTER_LOAD: waiting for the model before listening")
+            if not await asyncio.get_running_loop().run_in_executor(None, self.holder.wait):
+                await asyncio.get_running_loop().run_in_executor(None, self.stop)
+                raise ModelLoadError(self.holder.error or "the model failed to load")
         runner = self.app_runner()
         await runner.setup()
         site = web.TCPSite(runner, self.settings.host, self.settings.port)

@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -346,3 +347,55 @@ async def test_metrics_openapi_and_unknown_routes(service: Any, roots: Path) -> 
 def test_private_binds_loopback_only(settings_factory: Callable[..., Any]) -> None:
     assert settings_factory(private=True).host == "127.0.0.1"
     assert settings_factory(private=False).host == "0.0.0.0"
+
+
+# -- requests that arrive while the model loads ------------------------------------------------------
+
+
+async def test_a_request_sent_while_the_model_loads_waits_and_is_answered_200(
+    service: Any, data_dir: Path, make_image: Callable[..., bytes]
+) -> None:
+    from blip2_service.captioner.loading import load_model
+
+    def slow_load() -> Any:
+        time.sleep(2.0)  # a real load that takes seconds, as a first download would take minutes
+        return load_model("tiny-random", data_dir=data_dir, dtype="float32", device="cpu")
+
+    holder = ModelHolder(slow_load)
+    started = time.monotonic()
+    client = await service(holder=holder)  # starts loading it in the background
+    health = await client.get("/health")
+    assert health.status == 503 and (await health.json())["model_status"] == "loading"  # /health does not wait
+    resp = await client.post("/v3/analyze", data=make_image(701), headers={"Content-Type": "image/jpeg"})
+    assert resp.status == 200, await resp.text()
+    assert time.monotonic() - started >= 1.5  # it was held until the model was ready
+
+
+async def test_requests_waiting_for_a_model_that_fails_get_503_with_the_reason(
+    service: Any, make_image: Callable[..., bytes]
+) -> None:
+    def failing_load() -> Any:
+        time.sleep(1.0)
+        raise ModelLoadError("Cannot load MODEL=x: not in the cache /c. Fix: set MODEL_DIR")
+
+    holder = ModelHolder(failing_load)
+    client = await service(holder=holder)
+    resp = await client.post("/v3/analyze", data=make_image(702), headers={"Content-Type": "image/jpeg"})
+    body = await resp.json()
+    assert resp.status == 503 and "MODEL_DIR" in body["error"]["message"] and "Retry-After" in resp.headers
+
+
+async def test_load_wait_seconds_bounds_the_wait(service: Any, make_image: Callable[..., bytes]) -> None:
+    release = threading.Event()
+
+    def blocked() -> Any:
+        release.wait(30)
+        raise ModelLoadError("released by the test")
+
+    holder = ModelHolder(blocked)
+    client = await service(holder=holder, load_wait_seconds=0.5)
+    try:
+        resp = await client.post("/v3/analyze", data=make_image(703), headers={"Content-Type": "image/jpeg"})
+        assert resp.status == 503 and "still loading" in (await resp.json())["error"]["message"]
+    finally:
+        release.set()

@@ -22,8 +22,9 @@ from ..domain import (
     Unsupported,
 )
 from ..intake import check_prompt, check_size, public_url, read_path, read_stream
+from ..outcome import success_body
 from .context import CONTEXT, HttpContext
-from .responses import NO_INPUT, error_response, json_response, success_body
+from .responses import NO_INPUT, error_response, json_response
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -99,6 +100,17 @@ async def _read_input(
     return found.data, found.real_path
 
 
+async def _model_ready(ctx: HttpContext) -> None:
+    """Wait (up to LOAD_WAIT_SECONDS) while the model loads or warms, instead of answering 503:
+    the legacy service's clients take any answer as final, and a client that gives up first
+    sees no answer, which they retry."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ctx.settings.load_wait_seconds
+    while ctx.holder.status in ("loading", "warming") and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    ctx.pipeline.ensure_ready()
+
+
 async def _analyze(request: web.Request, url_key: str, file_key: str) -> web.Response:
     ctx = request.app[CONTEXT]
     started = time.perf_counter()
@@ -106,7 +118,7 @@ async def _analyze(request: web.Request, url_key: str, file_key: str) -> web.Res
         settings = generation_from_query(request.query, ctx.settings.generation())
         store = _flag(request.query, "store", True)
         refresh = _flag(request.query, "refresh", False)
-        ctx.pipeline.ensure_ready()
+        await _model_ready(ctx)
         deadline = asyncio.get_running_loop().time() + ctx.settings.request_timeout
         data, ref = await _read_input(request, ctx, url_key, file_key, deadline)
         caption_request = CaptionRequest(Source.HTTP, ref, data, settings, store=store, refresh=refresh)

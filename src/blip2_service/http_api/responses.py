@@ -6,38 +6,9 @@ from typing import Any
 
 from aiohttp import web
 
-from ..domain import CaptionResult
+from ..outcome import error_body
 
-SERVICE = "blip2"
 NO_INPUT = "Must provide either url or file parameter, or POST a file"
-
-
-def success_body(result: CaptionResult, framework: str) -> dict[str, Any]:
-    metadata: dict[str, Any] = {
-        "processing_time": round(result.processing_time, 3),
-        "model_info": {"framework": framework, "name": result.model},
-        "cached": result.cached,
-        "image_sha256": result.image_sha256,
-    }
-    if result.record_id is not None:
-        metadata["record_id"] = result.record_id
-    return {
-        "service": SERVICE,
-        "status": "success",
-        "predictions": [p.as_dict() for p in result.predictions],
-        "metadata": metadata,
-    }
-
-
-def error_body(message: str, processing_time: float, **extra: Any) -> dict[str, Any]:
-    metadata: dict[str, Any] = {"processing_time": round(processing_time, 3), **extra}
-    return {
-        "service": SERVICE,
-        "status": "error",
-        "predictions": [],
-        "error": {"message": message},
-        "metadata": metadata,
-    }
 
 
 def error_response(

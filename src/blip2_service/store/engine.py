@@ -9,7 +9,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
+def make_engine(url: str, *, schema: str = "blip2", echo: bool = False) -> Engine:
+    """`schema`: on Postgres, the schema that holds this service's tables and its Alembic version
+    table (DB_SCHEMA), and the only one its connections see; SQLite has none."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -26,7 +28,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     if parsed.drivername == "postgresql":
         # Plain postgresql:// would pick psycopg2, which we do not ship.
         parsed = parsed.set(drivername="postgresql+psycopg")
-    return create_engine(
+    engine = create_engine(
         parsed,
         echo=echo,
         pool_size=8,
@@ -35,6 +37,19 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         pool_recycle=1800,
         connect_args={"connect_timeout": 5},
     )
+
+    def search_path(dbapi_connection: Any, _record: Any) -> None:
+        # Only our schema: unqualified names never reach another application's tables.
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET search_path TO {quote_identifier(schema)}")
+        dbapi_connection.commit()
+
+    event.listen(engine, "connect", search_path)
+    return engine
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -1,4 +1,10 @@
-"""Alembic, driven from code: migrations are the only way the schema is created."""
+"""Alembic, driven from code: migrations are the only way the schema is created.
+
+On Postgres everything lives in DB_SCHEMA (default `blip2`), the Alembic version table too, so
+the service can share a database with other applications (their own `images` table, their own
+`alembic_version`). Deployments from before DB_SCHEMA kept the tables in `public`; `upgrade`
+moves them into the schema first when, and only when, they are recognisably this service's.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,19 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine
+from alembic.util import CommandError
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy import exc as sa_exc
+
+from .engine import quote_identifier
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
+OUR_TABLES = ("alembic_version", "images", "sightings", "captions")
+OUR_REVISIONS = frozenset({"0001"})
+
+
+class StoreSetupError(Exception):
+    """The store cannot be set up as configured; the message is one line saying what to change."""
 
 
 def alembic_config() -> Config:
@@ -19,12 +35,69 @@ def alembic_config() -> Config:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     config = alembic_config()
-    with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            # Several workers may start at once against one database: serialise their upgrades.
-            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(720122)")
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+    schema = "public"
+    try:
+        with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                schema = _schema_of(connection)
+                # Several workers may start at once against one database: serialise their upgrades.
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(720122)")
+                connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(schema)}")
+                _relocate_from_public(connection, schema)
+            config.attributes["connection"] = connection
+            config.attributes["schema"] = schema
+            command.upgrade(config, revision)
+    except sa_exc.ProgrammingError as exc:
+        raise _clash(exc, schema) from None
+    except CommandError as exc:
+        raise StoreSetupError(
+            f"the Alembic version table in schema {schema!r} is not this service's ({exc}); "
+            "another application's migrations? set DB_SCHEMA to a schema of its own (default blip2)"
+        ) from None
+
+
+def _schema_of(connection: Connection) -> str:
+    """The schema make_engine's search_path names (DB_SCHEMA)."""
+    first = str(connection.exec_driver_sql("SHOW search_path").scalar_one()).split(",")[0].strip()
+    name = first[1:-1].replace('""', '"') if first.startswith('"') else first
+    return "public" if name in ("", "$user") else name
+
+
+def _relocate_from_public(connection: Connection, schema: str) -> None:
+    """Move a pre-DB_SCHEMA deployment's tables from `public` into `schema` (once)."""
+    if schema == "public" or _tables(connection, schema) & set(OUR_TABLES):
+        return
+    in_public = _tables(connection, "public")
+    if not set(OUR_TABLES) <= in_public:
+        return
+    version = connection.execute(text("SELECT version_num FROM public.alembic_version")).scalar()
+    has_ours = connection.execute(
+        text(
+            "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'public' "
+            "AND table_name = 'captions' AND column_name IN ('settings_key', 'emoji_words')"
+        )
+    ).scalar_one()
+    if version not in OUR_REVISIONS or has_ours != 2:
+        return  # another application's tables of the same names: leave them alone
+    for table in OUR_TABLES:
+        connection.exec_driver_sql(f"ALTER TABLE public.{table} SET SCHEMA {quote_identifier(schema)}")
+
+
+def _tables(connection: Connection, schema: str) -> set[str]:
+    rows = connection.execute(
+        text("SELECT table_name FROM information_schema.tables WHERE table_schema = :s"), {"s": schema}
+    )
+    return {row[0] for row in rows}
+
+
+def _clash(exc: sa_exc.ProgrammingError, schema: str | None) -> Exception:
+    detail = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+    if "already exists" in detail:
+        return StoreSetupError(
+            f"cannot create this service's tables in schema {schema!r}: {detail} and is not this "
+            "service's; set DB_SCHEMA to a schema of its own (default blip2)"
+        )
+    return exc
 
 
 def current_revision(engine: Engine) -> str | None:

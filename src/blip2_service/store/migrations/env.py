@@ -10,6 +10,7 @@ connection = context.config.attributes.get("connection")
 if connection is None:
     raise RuntimeError("run migrations through `blip2-service db upgrade`, which passes a connection")
 
-context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+schema = context.config.attributes.get("schema") if connection.dialect.name == "postgresql" else None
+context.configure(connection=connection, target_metadata=metadata, render_as_batch=True, version_table_schema=schema)
 with context.begin_transaction():
     context.run_migrations()
