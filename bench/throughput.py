@@ -8,8 +8,9 @@ Same images, same generation settings (min_new_tokens = max_new_tokens, so rando
 as many tokens as a real caption), greedy and beam. Prints images/s, the ratio b/a, p50/p95
 latency and the share of (b)'s wall time spent outside `generate`.
 
-Models: tiny-random (pipeline overhead) and full-random (BLIP-2 OPT-2.7b's shapes, random
-weights; built in memory, measured and freed one dtype at a time: both do not fit in 24 GiB).
+Models: tiny-random (pipeline overhead), full-random (BLIP-2 OPT-2.7b's shapes) and
+full-random-t5 (BLIP-2 Flan-T5-XL's shapes), random weights built in memory, measured and freed
+one dtype at a time (both do not fit in 24 GiB).
 
 Finishes in under 10 minutes on a 2-core CPU with the defaults:
   .venv/bin/python bench/throughput.py --model tiny-random
@@ -37,7 +38,7 @@ from PIL import Image
 
 from blip2_service.captioner.holder import ModelHolder
 from blip2_service.captioner.loading import LoadedModel, load_model, optimize_for_device, pick_device, pick_dtype
-from blip2_service.captioner.tiny import make_full_random
+from blip2_service.captioner.tiny import make_full_random, make_full_random_t5
 from blip2_service.domain import CaptionRequest, GenerationSettings, Source
 from blip2_service.emoji import EmojiMapper, load_bundled
 from blip2_service.metrics import Metrics
@@ -118,11 +119,14 @@ def load(model_name: str, dtype: str, device: str, *, prepack: bool = True) -> L
         return load_model("tiny-random", data_dir=WORK, dtype=dtype, device=device)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
-    model, processor = make_full_random(dtype=torch_dtype, work_dir=WORK / "models", device=torch_device)
+    if model_name == "full-random-t5":
+        model, processor = make_full_random_t5(dtype=torch_dtype, device=torch_device)
+    else:
+        model, processor = make_full_random(dtype=torch_dtype, work_dir=WORK / "models", device=torch_device)
     if prepack:
         optimize_for_device(model, torch_device, torch_dtype)
     processor.tokenizer.padding_side = "left"
-    return LoadedModel("full-random", "blip2", model, processor, torch_device, torch_dtype)
+    return LoadedModel(model_name, "blip2", model, processor, torch_device, torch_dtype)
 
 
 def attention(model: Any) -> str:
@@ -205,7 +209,7 @@ def report(label: str, a: Run, b: Run) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny-random", "full-random"], default="tiny-random")
+    parser.add_argument("--model", choices=["tiny-random", "full-random", "full-random-t5"], default="tiny-random")
     parser.add_argument("--decode", choices=["greedy", "beam", "both"], default="both")
     parser.add_argument("--tokens", type=int, default=20, help="caption length (min = max)")
     parser.add_argument("--batch", type=int, default=8, help="BATCH_MAX_SIZE for (b)")
@@ -231,7 +235,7 @@ def main() -> None:
         sys.setswitchinterval(args.switch_interval)
     if args.threads:
         torch.set_num_threads(args.threads)
-    full = args.model == "full-random"
+    full = args.model.startswith("full-random")
     n_b = args.images or (args.batch * (1 if full else 16))
     n_a = args.seed_images or (2 if full else n_b)
     images = [jpeg(i) for i in range(max(n_a, n_b))]

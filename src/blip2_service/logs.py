@@ -7,6 +7,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -21,6 +23,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=False)
 
 
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs every malformed HTTP request (a NUL in a header, a bad request line) at ERROR
+    with a traceback, before any handler or key check: anyone could fill the log. One INFO line
+    instead; the client already got its 400."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            detail = (getattr(exc, "message", "") or type(exc).__name__).strip().splitlines()[0]
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "rejected a malformed HTTP request: %s",
+                (detail,),
+                None,
+                None,
+            )
+        return True
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -33,3 +54,6 @@ def setup_logging(level: str, fmt: str) -> None:
     # Libraries that are chatty at INFO: keep their warnings only.
     for noisy in ("transformers", "httpx", "urllib3", "aiohttp.access", "alembic", "amqp"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server.filters):
+        server.addFilter(MalformedRequestFilter())

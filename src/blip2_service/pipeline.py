@@ -141,6 +141,7 @@ class CaptionPipeline:
         `wait=True` blocks for a free slot instead of raising `Overloaded` (watcher, CLI).
         """
         captioner = self.ensure_ready()
+        captioner.check_prompt(request.settings)
         if not self._slots.acquire(blocking=wait, timeout=timeout if wait else None):
             raise Overloaded(
                 f"The service is overloaded ({self.limits.max_pending} images pending); retry shortly",

@@ -124,7 +124,7 @@ class Runtime:
         sources: dict[str, Any] = {"http": {"state": "running"}}
         for adapter in self.adapters:
             sources[adapter.name] = adapter.health()
-        return {"sources": sources, "store": self.engine.dialect.name, "emoji_words": len(self.mapper)}
+        return {"sources": sources, "store_engine": self.engine.dialect.name, "emoji_words": len(self.mapper)}
 
     def http_context(self) -> HttpContext:
         s = self.settings
@@ -152,8 +152,13 @@ class Runtime:
         """
         timeout = self.settings.request_timeout
         # lingering_time: how long the rest of a refused body is drained before the socket closes.
+        # max_line_size: a ?file= path may be MAX_PATH_CHARS characters, percent-encoded to far more.
         return web.AppRunner(
-            self.make_app(), access_log=None, keepalive_timeout=timeout, lingering_time=min(2.0, timeout)
+            self.make_app(),
+            access_log=None,
+            keepalive_timeout=timeout,
+            lingering_time=min(2.0, timeout),
+            max_line_size=65536,
         )
 
     # -- adapters -------------------------------------------------------------------------

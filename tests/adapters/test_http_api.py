@@ -256,7 +256,7 @@ async def test_503_with_retry_after_while_loading_and_when_overloaded(
         return tiny_model
 
     loading = ModelHolder(slow_load)
-    client = await service(holder=loading)
+    client = await service(holder=loading, load_wait_seconds=0)  # 0: answer at once, as before the wait
     health = await client.get("/health")
     assert health.status == 503
     assert (await health.json())["model_status"] == "loading"
@@ -399,3 +399,31 @@ async def test_load_wait_seconds_bounds_the_wait(service: Any, make_image: Calla
         assert resp.status == 503 and "still loading" in (await resp.json())["error"]["message"]
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("model", ["tiny-random", "tiny-random-blip"])
+async def test_a_prompt_too_long_for_the_models_room_gets_400_naming_the_limit(
+    service: Any, data_dir: Path, make_image: Callable[..., bytes], model: str
+) -> None:
+    from blip2_service.captioner.loading import load_model
+
+    loaded = load_model(model, data_dir=data_dir, dtype="float32", device="cpu")
+    holder = ModelHolder(lambda: loaded)
+    holder.load_now()
+    client = await service(holder=holder, num_beams=1, max_new_tokens=8)
+    room = holder.captioner.prompt_room(8)  # type: ignore[union-attr]
+    assert room is not None and 0 < room < 500
+    prompt = " ".join(["zq"] * 166)  # 497 characters, within the limit; past the positions of either model
+    resp = await client.post(
+        "/v3/analyze",
+        params={"prompt": prompt, "refresh": "true"},
+        data=make_image(801),
+        headers={"Content-Type": "image/jpeg"},
+    )
+    body = await resp.json()
+    assert resp.status == 400, body
+    assert f"room for {room}" in body["error"]["message"] and "MAX_NEW_TOKENS=8" in body["error"]["message"]
+    short = await client.post(
+        "/v3/analyze", params={"prompt": "a photo of"}, data=make_image(802), headers={"Content-Type": "image/jpeg"}
+    )
+    assert short.status == 200

@@ -139,7 +139,7 @@ def test_compiled_step_traces_whole_and_gives_the_same_captions(plain: Captioner
 async def test_health_says_warming_until_every_bucket_is_ready(
     aiohttp_client: Callable[..., Any], settings_factory: Callable[..., Any], tiny_model: LoadedModel
 ) -> None:
-    settings = settings_factory(compile="on", compile_buckets="1,2", batch_max_size=2, num_beams=1)
+    settings = settings_factory(compile="on", compile_buckets="1,2", batch_max_size=2, num_beams=1, load_wait_seconds=0)
     release = threading.Event()
     warmed = threading.Event()
 

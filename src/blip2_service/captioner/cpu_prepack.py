@@ -26,6 +26,9 @@ def _prepacked_linear_class() -> Any:
             self.register_buffer("packed_weight", linear.weight.detach().to_mkldnn(), persistent=False)
             bias = linear.bias.detach().to_mkldnn() if linear.bias is not None else None
             self.register_buffer("packed_bias", bias, persistent=False)
+            # Some model code reads `layer.weight.dtype` (T5's feed-forward casts its input to it):
+            # a weightless stand-in of the right shape and dtype answers that without a second copy.
+            self.weight = torch.empty(linear.weight.shape, dtype=linear.weight.dtype, device="meta")
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             dense_in = x.contiguous().to_mkldnn()

@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..domain import GenerationSettings
+from ..domain import BadInput, GenerationSettings
 from .loading import LoadedModel
 from .pixels import PixelPrep
 from .static_decode import StaticDecoder, TokenRules, unsupported_reason
@@ -37,11 +37,17 @@ class Captioner:
         self._tokenizer = loaded.processor.tokenizer
         self._image_processor = loaded.processor.image_processor
         self.pixels = PixelPrep(self._image_processor, loaded.device, loaded.dtype)
-        self._is_decoder_only = loaded.kind == "blip2" and not loaded.model.config.is_encoder_decoder
+        self._is_encoder_decoder = loaded.kind == "blip2" and bool(loaded.model.config.text_config.is_encoder_decoder)
+        self._is_decoder_only = loaded.kind == "blip2" and not self._is_encoder_decoder
         self._generation_config = loaded.model.generation_config
         self._image_token_ids: list[int] = []
         if loaded.kind == "blip2":
             self._image_token_ids = [loaded.model.config.image_token_index] * int(loaded.model.config.num_query_tokens)
+        text_config = loaded.model.config.text_config
+        # Learned absolute positions bound the sequence; T5's relative ones do not.
+        self._position_limit: int | None = (
+            None if text_config.is_encoder_decoder else getattr(text_config, "max_position_embeddings", None)
+        )
 
     @property
     def name(self) -> str:
@@ -50,6 +56,32 @@ class Captioner:
     def preprocess(self, image: Image.Image) -> Any:
         """Resize one image for the model (thread-safe, no model state); normalised later, on the device."""
         return self.pixels.prepare(image)
+
+    def check_prompt(self, settings: GenerationSettings) -> None:
+        """Refuse a prompt the model has no room for (BadInput, 400), before it is accepted.
+
+        The room is the language model's position embeddings less what else fills them: the
+        image's query tokens (BLIP-2) and MAX_NEW_TOKENS. Counted in the model's own tokens: a
+        character limit alone let a 500-character prompt overflow tiny-random's 256 positions.
+        """
+        if not settings.prompt:
+            return
+        room = self.prompt_room(settings.max_new_tokens)
+        if room is None:
+            return
+        used = len(self._tokenizer(settings.prompt)["input_ids"])
+        if used > room:
+            raise BadInput(
+                f"prompt is {used} tokens; this model has room for {room} "
+                f"({self._position_limit} positions less {len(self._image_token_ids)} image tokens "
+                f"less MAX_NEW_TOKENS={settings.max_new_tokens}): shorten the prompt"
+            )
+
+    def prompt_room(self, max_new_tokens: int) -> int | None:
+        """Tokens a prompt may take (with its BOS), or None where positions do not bound it (T5)."""
+        if self._position_limit is None:
+            return None
+        return max(0, self._position_limit - len(self._image_token_ids) - max_new_tokens)
 
     def caption_batch(self, pixels: Sequence[Any], settings: Sequence[GenerationSettings]) -> list[list[str]]:
         """Captions for each input (a list of `num_captions` texts), in input order.
@@ -105,7 +137,9 @@ class Captioner:
             kwargs.update(do_sample=False, num_beams=first.num_beams)
         inputs: dict[str, Any] = {"pixel_values": pixel_values}
         prompts = [item.prompt or "" for item in settings]
-        if any(prompts):
+        if any(prompts) or self._is_encoder_decoder:
+            # An encoder-decoder (Flan-T5) always gets its text input, empty or not: it has no BOS
+            # for `generate` to start from, and LAVIS feeds it the tokenised prompt ("" -> </s>).
             inputs.update(self._encode_prompts(prompts, device))
         # BLIP-2 hands generation to its language model, whose own generation config
         # would otherwise replace the checkpoint's (suppressed tokens, special ids).
@@ -194,7 +228,10 @@ class Captioner:
         """Tokenise prompts the way `Blip2Processor` does: query-token placeholders, then left-padded text."""
         import torch
 
-        encoded = self._tokenizer(prompts, padding=True, return_tensors="pt")
+        # Decoder-only models pad on the left (new tokens follow the prompt; positions come from the
+        # mask); T5's relative positions count pads, so its encoder input is padded at the end.
+        side = "right" if self._is_encoder_decoder else "left"
+        encoded = self._tokenizer(prompts, padding=True, padding_side=side, return_tensors="pt")
         input_ids = encoded["input_ids"]
         attention = encoded["attention_mask"]
         if self._image_token_ids:

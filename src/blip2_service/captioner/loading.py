@@ -24,7 +24,7 @@ LAVIS_ALIASES: dict[str, str] = {
 }
 
 # Random-weight builds made offline (captioner/tiny.py): real code paths, meaningless text.
-RANDOM_MODELS = ("tiny-random", "full-random", "tiny-random-blip", "blip-large-random")
+RANDOM_MODELS = ("tiny-random", "tiny-random-t5", "full-random", "tiny-random-blip", "blip-large-random")
 
 
 class ModelLoadError(Exception):

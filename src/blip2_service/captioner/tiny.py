@@ -381,7 +381,161 @@ def build_blip_large_random(path: Path) -> Path:
     return _build_blip(path, "blip-large-random.json", vision, text, std=0.02)
 
 
+def _t5_tokenizer() -> Any:
+    """A Unigram tokenizer with T5's specials (<pad> 0, </s> 1, <unk> 2) appending </s>, as Flan-T5's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(
+        _CORPUS * 4,
+        trainers.UnigramTrainer(
+            vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+        ),
+    )
+    eos = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", padding_side="left"
+    )
+
+
+def _t5_blip2_config(processor: Any, text: dict[str, Any], vision: dict[str, Any], qformer: dict[str, Any]) -> Any:
+    from transformers import Blip2Config
+
+    tokenizer = processor.tokenizer
+    return Blip2Config(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config={
+            "model_type": "t5",
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "decoder_start_token_id": tokenizer.pad_token_id,
+            "feed_forward_proj": "gated-gelu",  # Flan-T5's
+            "tie_word_embeddings": False,
+            **text,
+        },
+        num_query_tokens=processor.num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+
+
+def _t5_processor(image_size: int, num_query_tokens: int) -> Any:
+    from transformers import Blip2Processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    return Blip2Processor(image_processor, _t5_tokenizer(), num_query_tokens=num_query_tokens)
+
+
+def _set_t5_generation(model: Any, tokenizer: Any) -> None:
+    config = model.generation_config
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.decoder_start_token_id = tokenizer.pad_token_id
+    config.bos_token_id = None
+
+
+def build_tiny_random_t5(path: Path, *, seed: int = 0) -> Path:
+    """`MODEL=tiny-random-t5`: BLIP-2 with a Flan-T5-shaped (encoder-decoder) language model in
+    miniature, saved and loaded through from_pretrained like `tiny-random`."""
+    marker = path / "tiny-random-t5.json"
+    if marker.exists():
+        return path
+    if path.exists():
+        shutil.rmtree(path)
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    processor = _t5_processor(image_size=64, num_query_tokens=8)
+    vocab = len(processor.tokenizer)
+    config = _t5_blip2_config(
+        processor,
+        text={
+            "vocab_size": vocab,
+            "d_model": 64,
+            "d_kv": 16,
+            "d_ff": 128,
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "num_heads": 4,
+        },
+        vision={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 64,
+            "patch_size": 16,
+        },
+        qformer={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "vocab_size": vocab,
+            "max_position_embeddings": 128,
+        },
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.4)  # as tiny-random: the caption depends on the pixels
+    _set_t5_generation(model, processor.tokenizer)
+    staging = _staging(path)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    return _publish_dir(staging, path, marker.name, {"kind": "tiny-random-t5", "seed": seed})
+
+
+def make_full_random_t5(*, dtype: Any = None, seed: int = 0, device: Any = "cpu") -> tuple[Any, Any]:
+    """BLIP-2 Flan-T5-XL's published architecture with random weights (about 3.9 B parameters),
+    in memory, for benchmarks. Vocabulary: Flan-T5's 32,128 rows; the tokenizer is the tiny one."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    processor = _t5_processor(image_size=224, num_query_tokens=32)
+    config = _t5_blip2_config(
+        processor,
+        text={
+            "vocab_size": 32128,
+            "d_model": 2048,
+            "d_kv": 64,
+            "d_ff": 5120,
+            "num_layers": 24,
+            "num_decoder_layers": 24,
+            "num_heads": 32,
+        },
+        vision={
+            "hidden_size": 1408,
+            "intermediate_size": 6144,
+            "num_hidden_layers": 39,
+            "num_attention_heads": 16,
+            "image_size": 224,
+            "patch_size": 14,
+            "qkv_bias": True,
+        },
+        qformer={"vocab_size": 30522, "encoder_hidden_size": 1408},
+    )
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Blip2ForConditionalGeneration(config)
+    model = model.to(dtype or torch.float32).to_empty(device=device)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02)
+    _set_t5_generation(model, processor.tokenizer)
+    model.eval()
+    return model, processor
+
+
 RANDOM_BUILDERS = {
+    "tiny-random-t5": build_tiny_random_t5,
     "tiny-random": build_tiny_random,
     "full-random": build_full_random,
     "tiny-random-blip": build_tiny_random_blip,

@@ -51,7 +51,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             405: f"{request.method} is not allowed on {request.path}",
             413: "The request body is over the size limit (MAX_FILE_SIZE)",
         }
-        return _problem(request, exc.status, messages.get(exc.status, exc.reason))
+        response = _problem(request, exc.status, messages.get(exc.status, exc.reason))
+        if "Allow" in exc.headers:  # RFC 9110: a 405 says which methods the route has
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _problem(request, 500, "Internal error (a bug): the log has the details")

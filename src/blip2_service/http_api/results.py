@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from ..domain import Source, TransientError
+from ..intake import MAX_PATH_CHARS
 from ..store.repository import MAX_ID, CaptionFilter, CaptionRepository, decode_cursor
 from .context import CONTEXT
 from .responses import json_response
@@ -41,7 +42,7 @@ def _store(request: web.Request) -> CaptionRepository:
 
 
 def _parse_time(name: str, raw: str | None) -> datetime | None:
-    """An ISO 8601 time as UTC (no offset: UTC), within the years the store can hold (1-9999)."""
+    """An ISO 8601 time as UTC (no offset: UTC); one past the years 1-9999 in UTC is clamped to them."""
     if not raw:
         return None
     try:
@@ -51,7 +52,8 @@ def _parse_time(name: str, raw: str | None) -> datetime | None:
     try:
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
     except OverflowError:
-        raise ValueError(f"{name}={raw!r} is outside the years 1 to 9999 once converted to UTC") from None
+        # Past the first or last instant a datetime holds once in UTC: the bound of time itself.
+        return (datetime.max if value.year >= 9999 else datetime.min).replace(tzinfo=UTC)
 
 
 def parse_filters(query: Any) -> tuple[CaptionFilter, int, str | None]:
@@ -62,7 +64,7 @@ def parse_filters(query: Any) -> tuple[CaptionFilter, int, str | None]:
     status = query.get("status") or None
     if status is not None and status not in _STATUSES:
         raise ValueError(f"status={status!r} is not one of succeeded, failed")
-    raw_limit = query.get("limit") or "50"
+    raw_limit = query.get("limit", "50")
     try:
         limit = int(raw_limit)
     except ValueError:
@@ -75,6 +77,9 @@ def parse_filters(query: Any) -> tuple[CaptionFilter, int, str | None]:
             decode_cursor(cursor)
         except Exception:
             raise ValueError("cursor is not valid; pass the next_cursor of a previous page unchanged") from None
+    for name, most in (("q", 500), ("model", 200), ("path", MAX_PATH_CHARS)):
+        if len(query.get(name) or "") > most:
+            raise ValueError(f"{name} is {len(query.get(name))} characters; at most {most} are allowed")
     since = _parse_time("since", query.get("since"))
     until = _parse_time("until", query.get("until"))
     flt = CaptionFilter(
