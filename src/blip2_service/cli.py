@@ -9,8 +9,9 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from . import __version__
 from .captioner.loading import ModelLoadError
 from .config import ConfigError, Settings, load_settings
 from .logs import setup_logging
@@ -18,42 +19,97 @@ from .store.migrate import StoreSetupError
 
 log = logging.getLogger("blip2_service")
 
-_EPILOG = "Settings are read from environment variables and ./.env; see the README's Configuration table."
+_EPILOG = "Settings are read from environment variables and ./.env; the README's Configuration table has them all."
+
+# Each command: what it does, an example, and the settings that matter to it (shown by --help).
+_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "serve": (
+        "HTTP API on PORT (legacy /v3/analyze plus stored results and a web page), with the folder "
+        "watcher when WATCH_DIRS is set and the queue consumer when BROKER_URL is set.",
+        "MODEL=tiny-random WATCH_DIRS=./inbox blip2-service serve",
+        "PORT PRIVATE API_KEY MODEL DEVICE DTYPE COMPILE DATABASE_URL WATCH_DIRS FILE_ROOTS BROKER_URL "
+        "LOAD_WAIT_SECONDS LISTEN_AFTER_LOAD REQUEST_TIMEOUT",
+    ),
+    "watch": (
+        "Watch folders and caption every image that arrives (no HTTP); WATCH_MODE=publish sends them "
+        "to the queue instead.",
+        "blip2-service watch ./inbox /srv/photos",
+        "MODEL DATABASE_URL WATCH_RECURSIVE WATCH_POLLING WATCH_SETTLE_SECONDS WATCH_MODE WATCH_FOLLOW_SYMLINKS",
+    ),
+    "consume": (
+        "Consume the RabbitMQ queue (no HTTP): a GPU worker beside others on the same queue and database.",
+        "BROKER_URL=amqp://guest:guest@localhost:5672// blip2-service consume",
+        "BROKER_URL QUEUE_NAME RESULTS_EXCHANGE PREFETCH MODEL DATABASE_URL FILE_ROOTS",
+    ),
+    "caption": (
+        "Caption files or folders now, with a progress bar; one JSON line per image on stdout, results stored.",
+        "blip2-service caption photos/ > captions.jsonl",
+        "MODEL DEVICE DTYPE NUM_BEAMS MAX_NEW_TOKENS DATABASE_URL",
+    ),
+    "publish": (
+        "Send images to the queue as requests (paths, or the bytes with --embed).",
+        "blip2-service publish --embed --wait photos/a.jpg",
+        "BROKER_URL QUEUE_NAME RESULTS_EXCHANGE",
+    ),
+    "db": (
+        "Database maintenance: `db upgrade` creates or migrates the schema.",
+        "DATABASE_URL=postgresql+psycopg://user@db/photos blip2-service db upgrade",
+        "DATABASE_URL DB_SCHEMA",
+    ),
+    "emoji": (
+        "Show the emoji mapping of words or a caption.",
+        "blip2-service emoji a man riding a wave on a surfboard",
+        "AUTO_UPDATE EMOJI_MAPPINGS_URL DATA_DIR",
+    ),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line and exit 2, naming the command's --help, instead of a usage block.
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    what, example, settings = _COMMANDS[name]
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=what.split(";")[0].split(" (")[0].rstrip("."),
+        description=what,
+        epilog=f"example:\n  {example}\n\nsettings that matter here: {settings}\n{_EPILOG}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
+    )
+    return parser
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="blip2-service",
         description="Caption images with BLIP-2 / BLIP and map caption words to emojis.",
         epilog=_EPILOG,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    sub.add_parser(
-        "serve",
-        help="HTTP API on PORT, plus the folder watcher (WATCH_DIRS) and queue consumer (BROKER_URL) when set",
-        epilog=_EPILOG,
-    )
-    watch = sub.add_parser("watch", help="watch folders and caption what arrives (no HTTP)", epilog=_EPILOG)
+    parser.add_argument("--version", action="version", version=f"blip2-service {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    _command(sub, "serve")
+    watch = _command(sub, "watch")
     watch.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
-    sub.add_parser("consume", help="consume the RabbitMQ queue at BROKER_URL (no HTTP)", epilog=_EPILOG)
-    caption = sub.add_parser(
-        "caption", help="caption files or folders now; prints one JSON line per image", epilog=_EPILOG
-    )
+    _command(sub, "consume")
+    caption = _command(sub, "caption")
     caption.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     caption.add_argument("--prompt", default=None, help="text prompt / question for BLIP-2")
     caption.add_argument("--no-store", action="store_true", help="do not read or write the store")
     caption.add_argument("--refresh", action="store_true", help="caption again even when stored")
-    publish = sub.add_parser("publish", help="send images to the queue as requests", epilog=_EPILOG)
+    publish = _command(sub, "publish")
     publish.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     publish.add_argument("--embed", action="store_true", help="send the bytes (image_b64) instead of paths")
     publish.add_argument("--wait", action="store_true", help="wait for the results and print them as JSON lines")
     publish.add_argument("--prompt", default=None, help="text prompt for every request")
     publish.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for results with --wait")
-    db = sub.add_parser("db", help="database maintenance", epilog=_EPILOG)
-    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    db_sub.add_parser("upgrade", help="create or migrate the schema at DATABASE_URL")
-    emoji = sub.add_parser("emoji", help="show the emoji mapping of words or a caption", epilog=_EPILOG)
+    db = _command(sub, "db")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION", parser_class=_Parser)
+    db_sub.add_parser("upgrade", help="create or migrate the schema at DATABASE_URL (in DB_SCHEMA on Postgres)")
+    emoji = _command(sub, "emoji")
     emoji.add_argument("words", nargs="+", metavar="WORDS")
     emoji.add_argument("--json", action="store_true", help="print the JSON emoji_mappings")
     return parser
@@ -73,7 +129,12 @@ def iter_images(paths: Sequence[Path]) -> Iterator[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given and given[0].startswith("-") and given[0] not in ("-h", "--help", "--version"):
+        # argparse would complain about the missing command before the unknown option.
+        print(f"blip2-service: unknown option {given[0]} (see blip2-service --help)", file=sys.stderr)
+        return 2
+    args = _parser().parse_args(given)
     try:
         settings = load_settings()
     except ConfigError as exc:
@@ -94,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[command](settings, args)
     except KeyboardInterrupt:
         return 130
-    except (StoreSetupError, ModelLoadError) as exc:
+    except (StoreSetupError, ModelLoadError, ConfigError) as exc:
         print(f"blip2-service: {exc}", file=sys.stderr)
         return 1
 
@@ -213,11 +274,11 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _db(settings: Settings, _args: argparse.Namespace) -> int:
-    from .store import make_engine, upgrade
-    from .store.migrate import current_revision
+    from .store import make_engine
+    from .store.migrate import current_revision, upgrade_when_reachable
 
     engine = make_engine(settings.database_url, schema=settings.db_schema)
-    upgrade(engine)
+    upgrade_when_reachable(engine, settings.startup_timeout)
     print(f"database at revision {current_revision(engine)}")
     return 0
 

@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     min_new_tokens: int = Field(1, ge=0, le=512)
     torch_threads: int = Field(0, ge=0, le=1024)
     load_wait_seconds: float = Field(300, ge=0, le=86_400)
+    startup_timeout: float = Field(60, ge=0, le=86_400)
     listen_after_load: bool = False
     compile: Literal["auto", "on", "off"] = "auto"
     compile_buckets: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])

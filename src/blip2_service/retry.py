@@ -14,6 +14,8 @@ STORE_BACKOFF_MAX = 3.0
 STORE_ATTEMPTS = 5
 RETRY_BACKOFF_FIRST = 1.0  # a queue message or watched file whose store or broker is down
 RETRY_BACKOFF_MAX = 30.0
+STARTUP_BACKOFF_FIRST = 1.0  # the database or broker not up yet at start (STARTUP_TIMEOUT bounds it)
+STARTUP_BACKOFF_MAX = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,3 +34,4 @@ class Backoff:
 
 STORE = Backoff(STORE_BACKOFF_FIRST, STORE_BACKOFF_MAX, STORE_ATTEMPTS)
 WORK = Backoff(RETRY_BACKOFF_FIRST, RETRY_BACKOFF_MAX)
+STARTUP = Backoff(STARTUP_BACKOFF_FIRST, STARTUP_BACKOFF_MAX)

@@ -13,13 +13,14 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from .captioner.generate import Captioner
 from .captioner.holder import ModelHolder
-from .captioner.loading import LoadedModel, ModelLoadError, load_model, resolve_model_id
+from .captioner.loading import LoadedModel, ModelLoadError, device_hint, load_model, resolve_model_id
 from .captioner.static_decode import make_decoder
 from .config import ConfigError, Settings
 from .emoji import build_mapper
@@ -28,7 +29,8 @@ from .http_api.app import make_app
 from .http_api.context import HttpContext
 from .metrics import Metrics
 from .pipeline import CaptionPipeline, PipelineLimits
-from .store import CaptionRepository, make_engine, upgrade
+from .store import CaptionRepository, make_engine
+from .store.migrate import upgrade_when_reachable
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,11 @@ class Runtime:
             import torch
 
             torch.set_num_threads(self.settings.torch_threads)
-        upgrade(self.engine)
+        upgrade_when_reachable(self.engine, self.settings.startup_timeout)
+        if self.settings.watch_dirs:
+            missing = [str(d) for d in self.settings.watch_dirs if not Path(d).expanduser().is_dir()]
+            if missing:  # a typo would otherwise watch an empty folder of its own making, silently
+                raise ConfigError(f"WATCH_DIRS names folders that do not exist: {', '.join(missing)}")
         self.pipeline.start()
         if self.holder.status == "loaded" or not load_model:
             pass
@@ -138,6 +144,7 @@ class Runtime:
             mapper=self.mapper,
             file_roots=s.allowed_file_roots,
             health_extras=self.health_extras,
+            device_hint=device_hint(s.device),
         )
 
     def make_app(self) -> web.Application:
@@ -231,7 +238,15 @@ class Runtime:
         runner = self.app_runner()
         await runner.setup()
         site = web.TCPSite(runner, self.settings.host, self.settings.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            await asyncio.get_running_loop().run_in_executor(None, self.stop)
+            raise ConfigError(
+                f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror or exc} "
+                "(another service on that port? set PORT)"
+            ) from None
         log.info("listening on http://%s:%d", self.settings.host, self.settings.port)
         self._start_adapters_when_ready(watch=watch, consume=consume)
         stop = asyncio.Event()

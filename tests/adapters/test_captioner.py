@@ -101,6 +101,11 @@ def test_missing_weights_fail_with_where_we_looked_and_how_to_fix(tmp_path: Path
     assert "Salesforce/blip2-opt-2.7b" in message
     assert str(tmp_path / "cache") in message
     assert "MODEL_DIR" in message and "MODEL_DOWNLOAD" in message
+    assert "`hf download Salesforce/blip2-opt-2.7b`" in message and "huggingface-cli" not in message
+    assert "LAVIS name" in message
+    with pytest.raises(ModelLoadError) as folder:
+        load_model(str(tmp_path / "my" / "model"), allow_download=False, device="cpu")
+    assert "no folder with config.json" in str(folder.value) and "hf download " + str(tmp_path) not in str(folder.value)
 
 
 def test_a_local_folder_loads_like_a_hub_id(tiny_model: LoadedModel, data_dir: Path) -> None:

@@ -186,21 +186,40 @@ def _check_blip2(net: Any, processor: Any, model: str) -> None:
 
 
 def _not_found_message(model: str, source: str, model_dir: Path | None, local_only: bool, exc: Exception) -> str:
+    """One line: where we looked and what to do, for a hub id, a LAVIS name or a local folder."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if _looks_like_path(source):
+        return (
+            f"Cannot load MODEL={model}: no folder with config.json and the weights there. Fix: point MODEL at "
+            "the folder that `hf download <repo> --local-dir DIR` or save_pretrained() wrote, or at a hub id "
+            f"such as Salesforce/blip2-opt-2.7b. Detail: {detail}"
+        )
     cache = str(model_dir) if model_dir else HF_HUB_CACHE
-    tried = f"MODEL={model}"
-    if source != model:
-        tried += f" (Hugging Face {source})"
-    how = (
-        "downloads are off (MODEL_DOWNLOAD=false or HF_HUB_OFFLINE=1)"
-        if local_only
-        else "and it could not be downloaded from the Hugging Face hub"
-    )
+    tried = f"MODEL={model}" + (f" (the LAVIS name for Hugging Face {source})" if source != model else "")
+    if local_only:
+        how = "downloads are off (MODEL_DOWNLOAD=false or HF_HUB_OFFLINE=1)"
+        allow = " or allow downloads (MODEL_DOWNLOAD=true, HF_HUB_OFFLINE unset)"
+    else:
+        how = "and it could not be downloaded from the Hugging Face hub (no network?)"
+        allow = ""
     return (
-        f"Cannot load {tried}: not a local folder, not in the cache {cache}, {how}. "
-        "Fix: download it once where there is network (`huggingface-cli download "
-        f"{source}`) and set MODEL_DIR to that cache, or set MODEL to a folder holding "
-        "config.json and the weights, or allow network access and MODEL_DOWNLOAD=true. "
-        f"Detail: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        f"Cannot load {tried}: not in the cache {cache}, {how}. Fix: on a machine with network run "
+        f"`hf download {source}` and copy its cache folder to MODEL_DIR here (or `hf download {source} "
+        f"--local-dir DIR` and set MODEL=DIR){allow}. Detail: {detail}"
     )
+
+
+def _looks_like_path(source: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else given is meant as a folder."""
+    return source.startswith(("/", "./", "../", "~")) or source.count("/") > 1
+
+
+def device_hint(device: str) -> str:
+    """The device DEVICE would give, without loading anything: what /health shows before the model."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"

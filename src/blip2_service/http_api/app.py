@@ -134,7 +134,7 @@ async def health(request: web.Request) -> web.Response:
     body: dict[str, object] = {
         "status": "healthy" if healthy else "unhealthy",
         "model_status": holder.status,
-        "device": str(holder.captioner.loaded.device) if holder.captioner else ctx.settings.device,
+        "device": str(holder.captioner.loaded.device) if holder.captioner else ctx.device_hint,
         "model": ctx.settings.model,
         "version": __version__,
         "pending": ctx.pipeline.pending,

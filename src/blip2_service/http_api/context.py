@@ -29,6 +29,7 @@ class HttpContext:
     mapper: EmojiMapper
     file_roots: list[Path]
     health_extras: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    device_hint: str = "cpu"  # the device DEVICE resolves to, shown before the model is loaded
 
 
 CONTEXT = web.AppKey("blip2_context", HttpContext)

@@ -8,6 +8,8 @@ moves them into the schema first when, and only when, they are recognisably this
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 from alembic import command
@@ -16,7 +18,10 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy import exc as sa_exc
 
+from ..retry import STARTUP, Backoff
 from .engine import quote_identifier
+
+log = logging.getLogger(__name__)
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 OUR_TABLES = ("alembic_version", "images", "sightings", "captions")
@@ -31,6 +36,43 @@ def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
     return config
+
+
+class StoreUnavailable(StoreSetupError):
+    """The database could not be reached within STARTUP_TIMEOUT."""
+
+
+def upgrade_when_reachable(engine: Engine, timeout: float, backoff: Backoff = STARTUP) -> None:
+    """`upgrade`, waiting up to `timeout` seconds for the database to come up (a compose stack
+    starts everything at once), one log line per attempt; then StoreUnavailable, one line."""
+    started = time.monotonic()
+    attempt = 0
+    where = engine.url.render_as_string(hide_password=True)
+    while True:
+        attempt += 1
+        try:
+            upgrade(engine)
+            return
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            reason = (
+                str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__
+            )
+            waited = time.monotonic() - started
+            if waited >= timeout:
+                raise StoreUnavailable(
+                    f"cannot reach the database at {where} after {waited:.0f}s (STARTUP_TIMEOUT={timeout:g}): "
+                    f"{reason}; check DATABASE_URL and that the database server is up"
+                ) from None
+            delay = min(backoff.delay(attempt), max(0.1, timeout - waited))
+            log.warning(
+                "waiting for the database at %s (attempt %d, %s); retrying in %.0fs - check DATABASE_URL",
+                where,
+                attempt,
+                reason,
+                delay,
+            )
+            engine.dispose()
+            time.sleep(delay)
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

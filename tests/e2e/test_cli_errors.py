@@ -1,0 +1,95 @@
+"""Every error a user can cause at the command line is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ..tcp_proxy import TcpProxy
+from .test_cli import _cli, _env
+
+
+def _one_line(done: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("blip2-service"), done.stderr
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+def test_version_and_help_say_what_each_command_is_for(tmp_path: Path, data_dir: Path) -> None:
+    env = _env(tmp_path, data_dir)
+    version = _cli("--version", env=env, cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("blip2-service ")
+    for command in ("serve", "watch", "consume", "caption", "publish", "db", "emoji"):
+        shown = _cli(command, "--help", env=env, cwd=tmp_path)
+        assert shown.returncode == 0
+        assert "example:" in shown.stdout and "settings that matter here:" in shown.stdout, command
+        assert f"blip2-service {command}" in shown.stdout.split("example:")[1]
+
+
+def test_unknown_options_and_missing_arguments_are_one_line(tmp_path: Path, data_dir: Path) -> None:
+    env = _env(tmp_path, data_dir)
+    _one_line(_cli("--bogus", env=env, cwd=tmp_path), "unknown option --bogus", "--help")
+    _one_line(_cli("caption", env=env, cwd=tmp_path), "PATH", "caption --help")
+
+
+def test_a_model_that_cannot_load_is_one_line_with_what_to_do(tmp_path: Path, data_dir: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff")
+    env = _env(tmp_path, data_dir, MODEL=str(tmp_path / "no-model"), MODEL_DOWNLOAD="false")
+    _one_line(_cli("caption", str(tmp_path / "a.jpg"), env=env, cwd=tmp_path), "Cannot load")
+
+
+def test_a_busy_port_is_one_line_naming_port(tmp_path: Path, data_dir: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        done = _cli("serve", env=_env(tmp_path, data_dir, PORT=str(port)), cwd=tmp_path)
+    _one_line(done, f":{port}", "PORT")
+
+
+def test_watch_dirs_that_do_not_exist_stop_the_start(tmp_path: Path, data_dir: Path) -> None:
+    done = _cli("serve", env=_env(tmp_path, data_dir, WATCH_DIRS=str(tmp_path / "typo")), cwd=tmp_path)
+    _one_line(done, "WATCH_DIRS", "typo")
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.postgres
+def test_an_unreachable_database_is_waited_for_then_one_line(tmp_path: Path, data_dir: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    env = _env(tmp_path, data_dir, DATABASE_URL=f"postgresql+psycopg://u@127.0.0.1:{dead_port}/db", STARTUP_TIMEOUT="3")
+    done = _cli("db", "upgrade", env=env, cwd=tmp_path)
+    _one_line(done, "cannot reach the database", "STARTUP_TIMEOUT=3", "DATABASE_URL")
+    assert done.stderr.count("waiting for the database") >= 2  # one line per attempt while it waited
+
+
+@pytest.mark.postgres
+def test_a_database_that_comes_up_20_seconds_late_is_waited_for(tmp_path: Path, data_dir: Path, pg_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    real = make_url(pg_url)
+    proxy = TcpProxy(real.host or "127.0.0.1", real.port or 5432)  # refuses connections until started
+    late = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    starter = threading.Timer(20.0, proxy.start)
+    starter.start()
+    started = time.monotonic()
+    try:
+        done = _cli(
+            "db", "upgrade", env=_env(tmp_path, data_dir, DATABASE_URL=late, STARTUP_TIMEOUT="90"), cwd=tmp_path
+        )
+    finally:
+        starter.cancel()
+        proxy.stop()
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started >= 19 and "database at revision 0001" in done.stdout
+    assert "waiting for the database" in done.stderr
