@@ -51,6 +51,14 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
         "blip2-service publish --embed --wait photos/a.jpg",
         "BROKER_URL QUEUE_NAME RESULTS_EXCHANGE",
     ),
+    "reprocess": (
+        "Caption stored images again with the current model and settings (new rows; the old ones are "
+        "kept), reading each from a place it was seen whose file is still there; --via-queue publishes "
+        "them for GPU workers instead. Selects by the stored captions' model, source, status, path prefix "
+        "and time.",
+        "MODEL=blip2_opt:caption_coco_opt2.7b blip2-service reprocess --model Salesforce/blip2-opt-2.7b",
+        "MODEL DEVICE DTYPE NUM_BEAMS MAX_NEW_TOKENS DATABASE_URL BROKER_URL (with --via-queue)",
+    ),
     "db": (
         "Database maintenance: `db upgrade` creates or migrates the schema.",
         "DATABASE_URL=postgresql+psycopg://user@db/photos blip2-service db upgrade",
@@ -106,6 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--wait", action="store_true", help="wait for the results and print them as JSON lines")
     publish.add_argument("--prompt", default=None, help="text prompt for every request")
     publish.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for results with --wait")
+    again = _command(sub, "reprocess")
+    again.add_argument("--model", help="only images captioned by this model (as stored, e.g. tiny-random)")
+    again.add_argument("--source", choices=["http", "watch", "queue", "cli"], help="only images first seen here")
+    again.add_argument("--status", choices=["succeeded", "failed"], help="only images whose caption has this status")
+    again.add_argument("--path", help="only images seen under this path prefix")
+    again.add_argument("--since", help="only captions created at or after this ISO 8601 time")
+    again.add_argument("--until", help="only captions created before this ISO 8601 time")
+    again.add_argument("--via-queue", action="store_true", help="publish the paths to the queue instead")
     db = _command(sub, "db")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION", parser_class=_Parser)
     db_sub.add_parser("upgrade", help="create or migrate the schema at DATABASE_URL (in DB_SCHEMA on Postgres)")
@@ -149,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "caption": _caption,
         "publish": _publish,
         "db": _db,
+        "reprocess": _reprocess,
         "emoji": _emoji,
     }
     try:
@@ -271,6 +288,84 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
         prompt=args.prompt,
         timeout=args.timeout,
     )
+
+
+def _reprocess(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from tqdm import tqdm
+
+    from .domain import CaptionResult
+    from .outcome import cli_line
+    from .reprocess import NoReadableCopy, caption_again
+    from .runtime import Runtime
+    from .store.repository import CaptionFilter
+
+    def when(name: str, raw: str | None) -> datetime | None:
+        try:
+            return datetime.fromisoformat(raw) if raw else None
+        except ValueError:
+            raise ConfigError(f"--{name}={raw!r} is not an ISO 8601 time such as 2026-11-27T10:00:00Z") from None
+
+    filters = CaptionFilter(
+        source=args.source,
+        model=args.model,
+        status=args.status,
+        path=args.path,
+        since=when("since", args.since),
+        until=when("until", args.until),
+    )
+    runtime = Runtime(settings)
+    runtime.start(background_model=False, load_model=not args.via_queue)
+    try:
+        chosen = runtime.store.local_copies(filters)
+        if args.via_queue:
+            return _reprocess_via_queue(settings, chosen)
+        with tqdm(total=len(chosen), unit="img", file=sys.stderr, disable=None) as bar:
+
+            def report(sha256: str, path: str | None, result: CaptionResult | BaseException) -> None:
+                line = {**cli_line(path or "", result), "image_sha256": sha256}
+                if isinstance(result, NoReadableCopy):
+                    line["status"] = "skipped"
+                print(json.dumps(line, ensure_ascii=False), flush=True)
+                bar.update()
+
+            summary = caption_again(
+                runtime.pipeline, chosen, settings.generation(), max_bytes=settings.max_file_size, on_done=report
+            )
+        for sha256 in summary.skipped:
+            print(f"skipped {sha256}: no readable file left", file=sys.stderr)
+        print(summary.line(), file=sys.stderr)
+        return 0 if summary.failed == 0 else 1
+    finally:
+        runtime.stop()
+
+
+def _reprocess_via_queue(settings: Settings, chosen: list[tuple[str, list[str]]]) -> int:
+    from .amqp_topology import Topology
+    from .publisher import QueuePublisher
+    from .reprocess import paths_to_publish
+
+    if not settings.broker_url:
+        raise ConfigError("--via-queue needs BROKER_URL (the queue GPU workers consume)")
+    publisher = QueuePublisher(settings.broker_url, Topology(settings.queue_name, settings.results_exchange))
+    sent, skipped = 0, []
+    try:
+        for sha256, path in paths_to_publish(chosen):
+            if path is None:
+                skipped.append(sha256)
+                continue
+            publisher.publish({"path": path, "id": f"reprocess:{sha256}"})
+            sent += 1
+    finally:
+        publisher.close()
+    for sha256 in skipped:
+        print(f"skipped {sha256}: no readable file left", file=sys.stderr)
+    print(
+        f"reprocess: {sent} published to {settings.queue_name}, {len(skipped)} skipped (no readable file)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _db(settings: Settings, _args: argparse.Namespace) -> int:

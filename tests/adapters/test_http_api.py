@@ -427,3 +427,19 @@ async def test_a_prompt_too_long_for_the_models_room_gets_400_naming_the_limit(
         "/v3/analyze", params={"prompt": "a photo of"}, data=make_image(802), headers={"Content-Type": "image/jpeg"}
     )
     assert short.status == 200
+
+
+async def test_caption_again_over_http_404_409_and_200(
+    service: Any, roots: Path, make_image: Callable[..., bytes]
+) -> None:
+    client = await service(num_beams=1, max_new_tokens=6)
+    first = await client.get("/v3/analyze", params={"file": str(roots / "a.jpg")})
+    sha = (await first.json())["metadata"]["image_sha256"]
+    again = await client.post(f"/images/{sha}/caption")
+    body = await again.json()
+    assert again.status == 200 and body["status"] == "success" and body["metadata"]["image_sha256"] == sha
+    assert (await client.post(f"/images/{'0' * 64}/caption")).status == 404
+    uploaded = await client.post("/v3/analyze", data=make_image(990), headers={"Content-Type": "image/jpeg"})
+    upload_sha = (await uploaded.json())["metadata"]["image_sha256"]
+    gone = await client.post(f"/images/{upload_sha}/caption")  # seen only as an upload: no file to read
+    assert gone.status == 409 and "No readable copy" in (await gone.json())["error"]["message"]

@@ -100,7 +100,7 @@ async def _read_input(
     return found.data, found.real_path
 
 
-async def _model_ready(ctx: HttpContext) -> None:
+async def model_ready(ctx: HttpContext) -> None:
     """Wait (up to LOAD_WAIT_SECONDS) while the model loads or warms, instead of answering 503:
     the legacy service's clients take any answer as final, and a client that gives up first
     sees no answer, which they retry."""
@@ -118,7 +118,7 @@ async def _analyze(request: web.Request, url_key: str, file_key: str) -> web.Res
         settings = generation_from_query(request.query, ctx.settings.generation())
         store = _flag(request.query, "store", True)
         refresh = _flag(request.query, "refresh", False)
-        await _model_ready(ctx)
+        await model_ready(ctx)
         deadline = asyncio.get_running_loop().time() + ctx.settings.request_timeout
         data, ref = await _read_input(request, ctx, url_key, file_key, deadline)
         caption_request = CaptionRequest(Source.HTTP, ref, data, settings, store=store, refresh=refresh)

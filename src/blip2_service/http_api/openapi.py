@@ -295,6 +295,22 @@ def openapi_document(version: str) -> dict[str, Any]:
                     },
                 }
             },
+            "/images/{sha256}/caption": {
+                "post": {
+                    "operationId": "captionImageAgain",
+                    "summary": "Caption a stored image again with the current model and settings, from a place it "
+                    "was seen whose file is still readable inside FILE_ROOTS",
+                    "parameters": [sha],
+                    "responses": {
+                        "200": _json("the new caption, in the legacy shape", "Analysis"),
+                        "400": _json("not 64 hex digits", "Problem"),
+                        "404": _json("no image with this sha256", "Problem"),
+                        "409": _json("no readable copy of the image is left", "Problem"),
+                        "413": _json("the file grew over MAX_FILE_SIZE", "Problem"),
+                        **stored_errors,
+                    },
+                }
+            },
             "/metrics": _plain("metrics", "Prometheus metrics", {"text/plain": {"schema": {"type": "string"}}}),
             "/openapi.json": _plain("openapi", "This document", {"application/json": {"schema": {"type": "object"}}}),
             "/": _plain(

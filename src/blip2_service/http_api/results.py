@@ -11,10 +11,13 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from ..domain import Source, TransientError
+from ..domain import CaptionError, CaptionRequest, Source, TransientError
 from ..intake import MAX_PATH_CHARS
+from ..outcome import success_body
+from ..reprocess import read_copy
 from ..store.repository import MAX_ID, CaptionFilter, CaptionRepository, decode_cursor
 from .context import CONTEXT
+from .legacy import model_ready
 from .responses import json_response
 
 T = TypeVar("T")
@@ -157,8 +160,42 @@ async def get_thumbnail(request: web.Request) -> web.Response:
     )
 
 
+async def caption_image(request: web.Request) -> web.Response:
+    """Caption a stored image again (the page's "caption again"), from a sighting whose file is
+    still readable inside FILE_ROOTS, with the current model and settings."""
+    ctx = request.app[CONTEXT]
+    sha = _sha(request)
+    if sha is None:
+        return _problem(400, _BAD_SHA)
+    info = await _lookup(request, lambda store: store.image(sha), f"No image with sha256 {sha}")
+    if isinstance(info, web.Response):
+        return info
+    paths = [loc["source_ref"] for loc in info["locations"] if loc["source_ref"].startswith("/")]
+    try:
+        await model_ready(ctx)
+        found = await _in_executor(partial(read_copy, sha, paths, ctx.file_roots, ctx.settings.max_file_size))
+        again = CaptionRequest(
+            Source.HTTP,
+            found.real_path,
+            found.data,
+            ctx.settings.generation(),
+            refresh=True,
+            file_size=found.size,
+            file_mtime=found.mtime,
+        )
+        result = await asyncio.wrap_future(ctx.pipeline.submit(again))
+    except TransientError as exc:
+        return _problem(exc.status, exc.message, exc.retry_after)
+    except CaptionError as exc:
+        return _problem(exc.status, exc.message)
+    if not result.ok:
+        return _problem(result.error_status or 422, result.error or "The image could not be captioned")
+    return json_response(success_body(result, ctx.pipeline.framework))
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/captions", list_captions)
     app.router.add_get("/captions/{id}", get_caption)
     app.router.add_get("/images/{sha256}", get_image)
     app.router.add_get("/images/{sha256}/thumbnail", get_thumbnail)
+    app.router.add_post("/images/{sha256}/caption", caption_image)

@@ -362,6 +362,35 @@ class CaptionRepository:
 
         return self._retrying("list captions", run)
 
+    def local_copies(self, filters: CaptionFilter) -> list[tuple[str, list[str]]]:
+        """Images with a caption matching `filters`, each with the local paths it was seen at
+        (newest sighting first, gone ones last): what re-captioning can read again."""
+
+        def run() -> list[tuple[str, list[str]]]:
+            chosen = select(captions.c.image_sha256).distinct()
+            conditions = self._conditions(filters)
+            if conditions:
+                chosen = chosen.where(and_(*conditions))
+            query = (
+                select(sightings.c.image_sha256, sightings.c.source_ref)
+                .where(sightings.c.image_sha256.in_(chosen))
+                .order_by(
+                    sightings.c.image_sha256,
+                    sightings.c.gone_at.is_not(None),
+                    sightings.c.last_seen_at.desc(),
+                )
+            )
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).fetchall()
+            found: dict[str, list[str]] = {}
+            for row in rows:
+                paths = found.setdefault(row.image_sha256, [])
+                if row.source_ref.startswith("/"):  # a file's path; URLs, uploads and message ids are not
+                    paths.append(row.source_ref)
+            return list(found.items())
+
+        return self._retrying("select images", run)
+
     def _conditions(self, f: CaptionFilter) -> list[Any]:
         out: list[Any] = []
         if f.source:
