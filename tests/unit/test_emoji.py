@@ -36,6 +36,23 @@ def test_precision_and_recall_over_coco_style_captions(mapper: EmojiMapper, name
     assert scores.recall >= 0.80, scores.missed
 
 
+def test_verbs_and_adjectives_map_only_to_emojis_that_depict_them(mapper: EmojiMapper) -> None:
+    gold = load_gold(DATA / "emoji_verbs.txt")
+    scores = evaluate(mapper, gold)
+    print(f"emoji_verbs.txt: {len(gold)} captions, precision {scores.precision:.3f}, recall {scores.recall:.3f}")
+    assert len(gold) >= 40
+    assert scores.precision >= 0.95, scores.wrong
+    assert scores.recall >= 0.90, scores.missed
+    for caption, slip in [
+        ("a baseball player swinging a bat", "swinging"),
+        ("a man catching a frisbee", "catching"),
+        ("a kite flying high in the sky", "high"),
+        ("a kite flying high in the sky", "flying"),
+    ]:
+        assert slip not in dict(pairs(mapper, caption)), caption
+    assert dict(pairs(mapper, "trees with autumn leaves"))["autumn"] == "🍂"
+
+
 def test_the_contract_example(mapper: EmojiMapper) -> None:
     got = pairs(mapper, "a man in a military uniform handing flowers to a little girl")
     assert [w for w, _ in got] == ["man", "military_uniform", "handing", "flowers", "girl"]

@@ -42,6 +42,23 @@ def _lemmas(word: str) -> list[str]:
     return out
 
 
+def _undepicted(key: str, score: tuple[int, ...], name: str) -> bool:
+    """A verb or adjective known only from an emoji's keywords, and not in its name, is dropped:
+    the emoji depicts something else ("swinging" is a keyword of cricket 🏏, "high" of ✋)."""
+    if score[0] < 3 or "_" in key:
+        return False
+    from lemminflect import getAllLemmas
+
+    forms = getAllLemmas(key)
+    if not set(forms) & {"ADJ", "VERB"} or "NOUN" in forms:
+        return False  # nouns stay as they are
+    stems = {key, *(lemma for lemmas in forms.values() for lemma in lemmas)}
+    named = set(name.split())
+    for word in list(named):
+        named.update(lemma for lemmas in getAllLemmas(word).values() for lemma in lemmas)
+    return not stems & named
+
+
 def key_of(text: str) -> str:
     return "_".join(_WORD.findall(text.lower().replace("’", "'")))
 
@@ -92,6 +109,7 @@ def main(out: Path = OUT) -> int:
 
     share = Counter(key_of(k) for v in cldr.values() for k in v.get("default", []))
     best: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+    names: dict[str, str] = {}
 
     def offer(key: str, e: str, rank: int, name: str) -> None:
         if not key or key in stop or key.isdigit() or len(key) < 2:
@@ -114,6 +132,8 @@ def main(out: Path = OUT) -> int:
         if e is None:
             continue
         name = (info.get("tts") or [""])[0].lower()
+        if e is not None:
+            names[e] = name
         if ":" not in name:
             offer(key_of(name), e, 1, name)
         pkg = emoji_pkg.EMOJI_DATA[e]
@@ -129,7 +149,7 @@ def main(out: Path = OUT) -> int:
                 continue
             offer(kw, e, 3, name)
 
-    table = {key: e for key, (_score, e) in best.items()}
+    table = {key: e for key, (_score, e) in best.items() if not _undepicted(key, _score, names.get(e, ""))}
     # A keyword-only entry for an inflected form loses to its lemma's better entry:
     # "mountains" is a keyword of 🌄, but "mountain" is named ⛰️.
     preferred = {key_of(w) for w in overrides["prefer"]}
