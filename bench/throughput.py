@@ -146,7 +146,9 @@ def run_seed(loaded: LoadedModel, images: list[bytes], settings: GenerationSetti
     for data in images:
         t0 = time.perf_counter()
         image = Image.open(io.BytesIO(data)).convert("RGB")
-        inputs = loaded.processor(images=image, return_tensors="pt").to(loaded.device, loaded.dtype)
+        # Flan-T5 has no BOS to start from: LAVIS feeds its encoder the tokenised (empty) prompt.
+        text = "" if loaded.model.config.text_config.is_encoder_decoder else None
+        inputs = loaded.processor(images=image, text=text, return_tensors="pt").to(loaded.device, loaded.dtype)
         with torch.no_grad():
             out = loaded.model.generate(
                 **inputs,
