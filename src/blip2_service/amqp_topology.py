@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kombu import Connection, Exchange, Queue
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from .queue_protocol import DEAD_SUFFIX
 
@@ -57,3 +58,42 @@ class Topology:
 def connect(broker_url: str, **kwargs: Any) -> Connection:
     # Confirms: a publish returns only once the broker has the message, so we can ack after it.
     return Connection(broker_url, heartbeat=30, transport_options={"confirm_publish": True}, **kwargs)
+
+
+class BrokerUnavailable(Exception):
+    """The broker could not be reached within STARTUP_TIMEOUT; the message is one line."""
+
+
+def wait_for_broker(broker_url: str, timeout: float, first: float = 1.0, most: float = 5.0) -> None:
+    """Connect, retrying with backoff for up to `timeout` seconds, one log line per attempt."""
+    import logging
+    import time
+
+    log = logging.getLogger(__name__)
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        conn = connect(broker_url)
+        try:
+            conn.ensure_connection(max_retries=1)
+            return
+        except (*conn.connection_errors, KombuOperationalError, OSError) as exc:
+            waited = time.monotonic() - started
+            where = conn.as_uri()
+            if waited >= timeout:
+                raise BrokerUnavailable(
+                    f"cannot reach the broker at {where} after {waited:.0f}s (STARTUP_TIMEOUT={timeout:g}): {exc}; "
+                    "check BROKER_URL and that RabbitMQ is up"
+                ) from None
+            delay = min(first * 2 ** (attempt - 1), most, max(0.1, timeout - waited))
+            log.warning(
+                "waiting for the broker at %s (attempt %d, %s); retrying in %.0fs - check BROKER_URL",
+                where,
+                attempt,
+                exc,
+                delay,
+            )
+            time.sleep(delay)
+        finally:
+            conn.release()

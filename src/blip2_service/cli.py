@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from .amqp_topology import BrokerUnavailable
 from .captioner.loading import ModelLoadError
 from .config import ConfigError, Settings, load_settings
 from .logs import setup_logging
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[command](settings, args)
     except KeyboardInterrupt:
         return 130
-    except (StoreSetupError, ModelLoadError, ConfigError) as exc:
+    except (StoreSetupError, ModelLoadError, ConfigError, BrokerUnavailable) as exc:
         print(f"blip2-service: {exc}", file=sys.stderr)
         return 1
 

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(30, ge=1, le=512)
     min_new_tokens: int = Field(1, ge=0, le=512)
     torch_threads: int = Field(0, ge=0, le=1024)
+    inference: Literal["local", "queue"] = "local"
+    gateway_timeout: float = Field(30, gt=0, le=3600)
     load_wait_seconds: float = Field(300, ge=0, le=86_400)
     startup_timeout: float = Field(60, ge=0, le=86_400)
     listen_after_load: bool = False
@@ -185,6 +187,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
+        if self.inference == "queue" and not self.broker_url:
+            raise ValueError("INFERENCE=queue (gateway mode) needs BROKER_URL: the queue the workers consume")
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"MIN_NEW_TOKENS={self.min_new_tokens} exceeds MAX_NEW_TOKENS={self.max_new_tokens}")
         return self

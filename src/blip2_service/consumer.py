@@ -288,9 +288,9 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         self._done.put((held, _Outcome("failed", result=result, error=exc.message)))
 
     def _settings(self, request: QueueRequest | None) -> GenerationSettings:
-        if request is not None and request.prompt:
-            return replace(self.generation, prompt=request.prompt)
-        return self.generation
+        if request is None:
+            return self.generation
+        return replace(self.generation, prompt=request.prompt, num_captions=request.num_captions)
 
     def _start(self, held: _Held) -> None:
         if held.error is not None:
@@ -304,7 +304,14 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         assert request is not None
         try:
             data = self._load(request)
-            caption_request = CaptionRequest(Source.QUEUE, self._source_ref(held), data, self._settings(request))
+            caption_request = CaptionRequest(
+                Source.QUEUE,
+                self._source_ref(held),
+                data,
+                self._settings(request),
+                store=request.store,
+                refresh=request.refresh,
+            )
             future = self.pipeline.submit(caption_request, wait=True)
         except PermanentError as exc:
             self._record_failure(held, exc)
@@ -328,6 +335,8 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
     @staticmethod
     def _source_ref(held: _Held) -> str:
         request = held.request
+        if request is not None and request.source_ref:  # what a gateway's HTTP request named
+            return request.source_ref
         if request is not None and request.kind == "path":
             return request.value
         if request is not None and request.kind == "url":

@@ -50,6 +50,8 @@ def queue_result(
     else:
         message = error or (result.error if result is not None else None) or "failed"
         body = error_body(message, result.processing_time if result is not None else 0.0)
+        # The HTTP status this failure maps to: a gateway answers its client with it.
+        body["error_status"] = (result.error_status if result is not None else None) or 422
     body["request"] = request
     body["record_id"] = result.record_id if result is not None else None
     body["image_sha256"] = result.image_sha256 if result is not None else None

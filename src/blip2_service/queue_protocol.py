@@ -25,6 +25,11 @@ class QueueRequest:
     value: str
     id: Any = None
     prompt: str | None = None
+    # Optional, sent by a gateway (INFERENCE=queue) for its HTTP requests.
+    num_captions: int = 1
+    store: bool = True
+    refresh: bool = False
+    source_ref: str | None = None
 
     def echo(self) -> dict[str, Any]:
         """The request as echoed in results: its id and input (embedded bytes summarised)."""
@@ -51,7 +56,20 @@ def parse_request(body: bytes | str) -> QueueRequest:
     value = data[kind]
     if not isinstance(value, str):
         raise BadInput(f"{kind} must be a string")
-    return QueueRequest(kind, value, data.get("id"), check_prompt(data.get("prompt")))
+    num = data.get("num_captions", 1)
+    if not isinstance(num, int) or isinstance(num, bool) or not 1 <= num <= 5:
+        raise BadInput("num_captions must be a whole number from 1 to 5")
+    flags = {}
+    for name, default in (("store", True), ("refresh", False)):
+        flags[name] = data.get(name, default)
+        if not isinstance(flags[name], bool):
+            raise BadInput(f"{name} must be true or false")
+    ref = data.get("source_ref")
+    if ref is not None and (not isinstance(ref, str) or not 0 < len(ref) <= 4096):
+        raise BadInput("source_ref must be a string of 1 to 4096 characters")
+    return QueueRequest(
+        kind, value, data.get("id"), check_prompt(data.get("prompt")), num, flags["store"], flags["refresh"], ref
+    )
 
 
 def peek_id(body: bytes) -> Any:

@@ -87,6 +87,7 @@ class Runtime:
             metrics=self.metrics,
         )
         self.adapters: list[Any] = []
+        self.gateway: Any = None  # QueueGateway in INFERENCE=queue
         self._closables: list[Callable[[], None]] = []
         self._started = False
 
@@ -107,6 +108,19 @@ class Runtime:
             if missing:  # a typo would otherwise watch an empty folder of its own making, silently
                 raise ConfigError(f"WATCH_DIRS names folders that do not exist: {', '.join(missing)}")
         self.pipeline.start()
+        if self.settings.inference == "queue":
+            # Gateway mode: no model here; requests go to the workers through the queue.
+            from .amqp_topology import Topology
+            from .gateway import QueueGateway
+
+            self.gateway = QueueGateway(
+                self.settings.broker_url,
+                Topology(self.settings.queue_name, self.settings.results_exchange),
+                timeout=self.settings.gateway_timeout,
+            )
+            self.gateway.start()
+            self._closables.append(self.gateway.stop)
+            return
         if self.holder.status == "loaded" or not load_model:
             pass
         elif background_model:
@@ -128,6 +142,8 @@ class Runtime:
 
     def health_extras(self) -> dict[str, Any]:
         sources: dict[str, Any] = {"http": {"state": "running"}}
+        if self.gateway is not None:
+            sources["gateway"] = self.gateway.health()
         for adapter in self.adapters:
             sources[adapter.name] = adapter.health()
         return {"sources": sources, "store_engine": self.engine.dialect.name, "emoji_words": len(self.mapper)}
@@ -145,6 +161,7 @@ class Runtime:
             file_roots=s.allowed_file_roots,
             health_extras=self.health_extras,
             device_hint=device_hint(s.device),
+            gateway=self.gateway,
         )
 
     def make_app(self) -> web.Application:
@@ -190,13 +207,23 @@ class Runtime:
             self.adapters.append(watcher)
             watcher.start()
         if consume and s.broker_url:
+            from .amqp_topology import wait_for_broker
             from .consumer import QueueConsumer
+
+            wait_for_broker(s.broker_url, s.startup_timeout)
 
             consumer = QueueConsumer.from_settings(s, self.pipeline, self.metrics)
             self.adapters.append(consumer)
             consumer.start()
 
     def _start_adapters_when_ready(self, *, watch: bool, consume: bool) -> None:
+        if self.gateway is not None:
+            # The gateway consumes no requests; a watcher here may only publish (no model).
+            if watch and self.settings.watch_mode != "publish" and self.settings.watch_dirs:
+                raise ConfigError("INFERENCE=queue has no model to caption watched files: set WATCH_MODE=publish")
+            self.start_adapters(watch=watch, consume=False)
+            return
+
         def run() -> None:
             if self.holder.wait():
                 self.start_adapters(watch=watch, consume=consume)

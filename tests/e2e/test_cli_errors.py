@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -93,3 +94,88 @@ def test_a_database_that_comes_up_20_seconds_late_is_waited_for(tmp_path: Path, 
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started >= 19 and "database at revision 0001" in done.stdout
     assert "waiting for the database" in done.stderr
+
+
+def _rabbit() -> str:
+    from ..conftest import AMQP_URL, port_open, service_missing
+
+    if not port_open("127.0.0.1", 5672):
+        service_missing("RabbitMQ", AMQP_URL)
+    return AMQP_URL
+
+
+@pytest.mark.rabbitmq
+def test_an_unreachable_broker_is_waited_for_then_one_line(tmp_path: Path, data_dir: Path) -> None:
+    _rabbit()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    env = _env(tmp_path, data_dir, BROKER_URL=f"amqp://guest:guest@127.0.0.1:{dead_port}//", STARTUP_TIMEOUT="3")
+    done = _cli("consume", env=env, cwd=tmp_path)
+    _one_line(done, "cannot reach the broker", "STARTUP_TIMEOUT=3", "BROKER_URL")
+    assert "waiting for the broker" in done.stderr
+
+
+@pytest.mark.rabbitmq
+def test_a_broker_that_comes_up_20_seconds_late_is_waited_for_and_then_consumed(tmp_path: Path, data_dir: Path) -> None:
+    import base64
+    import signal
+    import uuid
+
+    from kombu import Connection
+
+    from blip2_service.amqp_topology import Topology
+    from blip2_service.publisher import QueuePublisher
+    from blip2_service.store import CaptionFilter, CaptionRepository, make_engine
+
+    from ..conftest import image_bytes, wait_until
+
+    real = _rabbit()
+    proxy = TcpProxy("127.0.0.1", 5672)
+    name = f"blip2.test.{uuid.uuid4().hex[:8]}"
+    env = _env(
+        tmp_path,
+        data_dir,
+        BROKER_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}//",
+        STARTUP_TIMEOUT="90",
+        QUEUE_NAME=name,
+        RESULTS_EXCHANGE=f"{name}.results",
+    )
+    starter = threading.Timer(20.0, proxy.start)
+    starter.start()
+    started = time.monotonic()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "blip2_service.cli", "consume"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    engine = make_engine(env["DATABASE_URL"])
+    try:
+        publisher = QueuePublisher(real, Topology(name, f"{name}.results"))
+        publisher.publish({"id": "late", "image_b64": base64.b64encode(image_bytes(77)).decode()})
+        publisher.close()
+
+        def stored() -> bool:
+            try:
+                return bool(CaptionRepository(engine).query(CaptionFilter(source="queue"))[0])
+            except Exception:
+                return False
+
+        wait_until(stored, 120, "the message to be captioned once the broker is reachable")
+        assert time.monotonic() - started >= 19
+    finally:
+        starter.cancel()
+        worker.send_signal(signal.SIGTERM)
+        out, _ = worker.communicate(timeout=60)
+        proxy.stop()
+        engine.dispose()
+        with Connection(real) as conn:
+            channel = conn.channel()
+            for queue in (name, f"{name}.dead"):
+                try:
+                    channel.queue_delete(queue)
+                except Exception:
+                    channel = conn.channel()
+    assert b"waiting for the broker" in out

@@ -130,10 +130,16 @@ async def health(request: web.Request) -> web.Response:
     store_problem = None
     if ctx.store is not None:
         store_problem = await asyncio.get_running_loop().run_in_executor(None, ctx.store.write_problem)
-    healthy = holder.status == "loaded" and store_problem is None
+    if ctx.gateway is not None:  # no model here: healthy while workers consume the queue
+        workers = ctx.gateway.workers
+        healthy = workers > 0 and ctx.gateway.state == "connected" and store_problem is None
+        model_status = "gateway"
+    else:
+        healthy = holder.status == "loaded" and store_problem is None
+        model_status = holder.status
     body: dict[str, object] = {
         "status": "healthy" if healthy else "unhealthy",
-        "model_status": holder.status,
+        "model_status": model_status,
         "device": str(holder.captioner.loaded.device) if holder.captioner else ctx.device_hint,
         "model": ctx.settings.model,
         "version": __version__,
@@ -150,8 +156,13 @@ async def health(request: web.Request) -> web.Response:
         }
     if holder.error:
         body["error"] = holder.error
-    if store_problem:
-        body["unavailable"] = ["store"]
+    unavailable = ["store"] if store_problem else []
+    if ctx.gateway is not None:
+        body["workers"] = ctx.gateway.workers
+        if not ctx.gateway.workers:
+            unavailable.append("workers")
+    if unavailable:
+        body["unavailable"] = unavailable
     api_key = ctx.settings.api_key
     if ctx.settings.health_details or (api_key and hmac.compare_digest(request_key(request), api_key.encode())):
         if store_problem:

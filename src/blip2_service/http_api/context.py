@@ -13,6 +13,7 @@ from ..captioner.holder import ModelHolder
 from ..config import Settings
 from ..emoji.mapper import EmojiMapper
 from ..fetching import UrlFetcher
+from ..gateway import QueueGateway
 from ..metrics import Metrics
 from ..pipeline import CaptionPipeline
 from ..store.repository import CaptionRepository
@@ -30,6 +31,7 @@ class HttpContext:
     file_roots: list[Path]
     health_extras: Callable[[], dict[str, Any]] = field(default=lambda: {})
     device_hint: str = "cpu"  # the device DEVICE resolves to, shown before the model is loaded
+    gateway: QueueGateway | None = None  # INFERENCE=queue: captions come from workers through the queue
 
 
 CONTEXT = web.AppKey("blip2_context", HttpContext)

@@ -118,11 +118,13 @@ async def _analyze(request: web.Request, url_key: str, file_key: str) -> web.Res
         settings = generation_from_query(request.query, ctx.settings.generation())
         store = _flag(request.query, "store", True)
         refresh = _flag(request.query, "refresh", False)
-        await model_ready(ctx)
+        if ctx.gateway is None:
+            await model_ready(ctx)
         deadline = asyncio.get_running_loop().time() + ctx.settings.request_timeout
         data, ref = await _read_input(request, ctx, url_key, file_key, deadline)
         caption_request = CaptionRequest(Source.HTTP, ref, data, settings, store=store, refresh=refresh)
-        result = await asyncio.wrap_future(ctx.pipeline.submit(caption_request))
+        submit = ctx.gateway.submit if ctx.gateway is not None else ctx.pipeline.submit
+        result = await asyncio.wrap_future(submit(caption_request))
     except TransientError as exc:
         return error_response(exc.status, exc.message, time.perf_counter() - started, retry_after=exc.retry_after)
     except CaptionError as exc:

@@ -403,7 +403,8 @@ def _schemas() -> dict[str, Any]:
             "required": ["status", "model_status", "device", "store"],
             "properties": {
                 "status": {"enum": ["healthy", "unhealthy"]},
-                "model_status": {"enum": ["loading", "warming", "loaded", "failed"]},
+                "model_status": {"enum": ["loading", "warming", "loaded", "failed", "gateway"]},
+                "workers": {"type": "integer", "minimum": 0},
                 "device": {"type": "string"},
                 "model": {"type": "string"},
                 "version": {"type": "string"},

@@ -172,7 +172,8 @@ async def caption_image(request: web.Request) -> web.Response:
         return info
     paths = [loc["source_ref"] for loc in info["locations"] if loc["source_ref"].startswith("/")]
     try:
-        await model_ready(ctx)
+        if ctx.gateway is None:
+            await model_ready(ctx)
         found = await _in_executor(partial(read_copy, sha, paths, ctx.file_roots, ctx.settings.max_file_size))
         again = CaptionRequest(
             Source.HTTP,
@@ -183,7 +184,8 @@ async def caption_image(request: web.Request) -> web.Response:
             file_size=found.size,
             file_mtime=found.mtime,
         )
-        result = await asyncio.wrap_future(ctx.pipeline.submit(again))
+        submit = ctx.gateway.submit if ctx.gateway is not None else ctx.pipeline.submit
+        result = await asyncio.wrap_future(submit(again))
     except TransientError as exc:
         return _problem(exc.status, exc.message, exc.retry_after)
     except CaptionError as exc:

@@ -1,0 +1,225 @@
+"""Gateway mode (INFERENCE=queue): the HTTP edge without a model, captioning through GPU workers.
+
+Each analyze request passes the edge's guards here (paths, URLs, sizes, prompts: intake), then
+travels to the queue as an RPC: the image bytes embedded (`image_b64`), `reply_to` this process's
+own reply queue and a `correlation_id`. Whichever worker takes it captions and stores it (the
+shared Postgres) and replies; the handler answers with the legacy JSON. No reply within
+GATEWAY_TIMEOUT is a 503 with Retry-After: HTTP capacity grows with the number of workers, on any
+number of hosts.
+
+One thread owns the AMQP connection (kombu channels are not thread-safe): handlers hand it
+requests through a queue and wait on futures it resolves from the replies.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import queue
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from typing import Any
+
+from kombu import Consumer, Producer, Queue
+
+from .amqp_topology import Topology, connect
+from .domain import CaptionRequest, CaptionResult, EmojiMapping, ModelNotReady, Prediction
+
+log = logging.getLogger(__name__)
+
+
+class QueueGateway:
+    name = "gateway"
+
+    def __init__(self, broker_url: str, topology: Topology, *, timeout: float) -> None:
+        self.topology = topology
+        self.timeout = timeout
+        self._connection = connect(broker_url)
+        self._reply_queue = Queue(
+            f"blip2.gateway.{socket.gethostname()}.{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True
+        )
+        self._outbox: queue.Queue[tuple[dict[str, Any], str]] = queue.Queue()
+        self._waiting: dict[str, Future[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gateway", daemon=True)
+        self.workers = 0
+        self.state = "connecting"
+        self.last_error: str | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        with self._lock:
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(ModelNotReady("The gateway is shutting down; retry", retry_after=5))
+            self._waiting.clear()
+        self._connection.release()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "queue": self.topology.queue_name,
+            "workers": self.workers,
+            "last_error": self.last_error,
+        }
+
+    # -- requests (any thread) --------------------------------------------------------------
+
+    def submit(self, request: CaptionRequest) -> Future[CaptionResult]:
+        """Send one request; the future resolves to the worker's result, or to ModelNotReady
+        (a TransientError: 503 with Retry-After) when no worker answers within GATEWAY_TIMEOUT."""
+        if self.workers == 0 and self._ready.is_set():
+            raise ModelNotReady(
+                f"No worker is consuming {self.topology.queue_name}; start `blip2-service consume` on a GPU host",
+                retry_after=10,
+            )
+        correlation = uuid.uuid4().hex
+        reply: Future[dict[str, Any]] = Future()
+        with self._lock:
+            self._waiting[correlation] = reply
+        settings = request.settings
+        body: dict[str, Any] = {
+            "image_b64": base64.b64encode(request.data).decode(),
+            "id": f"http:{correlation}",
+            "source_ref": request.source_ref,
+            "num_captions": settings.num_captions,
+            "store": request.store,
+            "refresh": request.refresh,
+        }
+        if settings.prompt:
+            body["prompt"] = settings.prompt
+        self._outbox.put((body, correlation))
+        outer: Future[CaptionResult] = Future()
+        timer = threading.Timer(self.timeout, self._expire, args=(correlation,))
+        timer.daemon = True
+        timer.start()
+
+        def done(f: Future[dict[str, Any]]) -> None:
+            timer.cancel()
+            exc = f.exception()
+            if exc is not None:
+                outer.set_exception(exc)
+            else:
+                outer.set_result(result_from_reply(f.result()))
+
+        reply.add_done_callback(done)
+        return outer
+
+    def _expire(self, correlation: str) -> None:
+        with self._lock:
+            future = self._waiting.pop(correlation, None)
+        if future is not None and not future.done():
+            future.set_exception(
+                ModelNotReady(
+                    f"No worker answered within GATEWAY_TIMEOUT={self.timeout:g}s; the workers are busy or gone, "
+                    "retry shortly",
+                    retry_after=max(1.0, self.timeout / 2),
+                )
+            )
+
+    # -- the AMQP thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._serve()
+            except Exception as exc:  # the connection dropped: reconnect, waiting requests time out
+                self.state = "reconnecting"
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("gateway: broker connection lost (%s); reconnecting", exc)
+                self._stop.wait(1.0)
+
+    def _serve(self) -> None:
+        with self._connection.clone() as conn:
+            conn.ensure_connection(max_retries=3)
+            channel = conn.channel()
+            self.topology.declare(channel)
+            producer = Producer(conn.channel())
+            consumer = Consumer(channel, queues=[self._reply_queue], callbacks=[self._on_reply], accept=["json"])
+            consumer.consume()
+            self.state = "connected"
+            next_count = 0.0
+            while not self._stop.is_set():
+                if time.monotonic() >= next_count:
+                    self.workers = self._consumer_count(conn)
+                    self._ready.set()
+                    next_count = time.monotonic() + 2.0
+                self._send_pending(producer)
+                with contextlib.suppress(TimeoutError, socket.timeout):
+                    conn.drain_events(timeout=0.05)
+
+    def _consumer_count(self, conn: Any) -> int:
+        declared = conn.channel()
+        try:
+            _name, _messages, consumers = declared.queue_declare(self.topology.queue_name, passive=True)
+            return int(consumers)
+        finally:
+            with contextlib.suppress(Exception):
+                declared.close()
+
+    def _send_pending(self, producer: Producer) -> None:
+        while True:
+            try:
+                body, correlation = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            producer.publish(
+                body,
+                exchange="",
+                routing_key=self.topology.queue_name,
+                serializer="json",
+                delivery_mode=2,
+                reply_to=self._reply_queue.name,
+                correlation_id=correlation,
+                message_id=correlation,
+            )
+
+    def _on_reply(self, body: Any, message: Any) -> None:
+        message.ack()
+        correlation = message.properties.get("correlation_id")
+        with self._lock:
+            future = self._waiting.pop(correlation, None)
+        if future is not None and not future.done() and isinstance(body, dict):
+            future.set_result(body)
+
+
+def result_from_reply(body: dict[str, Any]) -> CaptionResult:
+    """A worker's queue result (the legacy body plus record_id, image_sha256, error_status) as a result."""
+    metadata = body.get("metadata") or {}
+    model = (metadata.get("model_info") or {}).get("name", "")
+    if body.get("status") == "success":
+        predictions = [
+            Prediction(p["text"], tuple(EmojiMapping(m["emoji"], m["word"]) for m in p.get("emoji_mappings", [])))
+            for p in body.get("predictions", [])
+        ]
+        return CaptionResult(
+            status="succeeded",
+            model=model,
+            predictions=predictions,
+            processing_time=float(metadata.get("processing_time", 0.0)),
+            image_sha256=body.get("image_sha256"),
+            record_id=body.get("record_id"),
+            cached=bool(metadata.get("cached", False)),
+        )
+    return CaptionResult(
+        status="failed",
+        model=model,
+        predictions=[],
+        processing_time=float(metadata.get("processing_time", 0.0)),
+        image_sha256=body.get("image_sha256"),
+        record_id=body.get("record_id"),
+        error=(body.get("error") or {}).get("message") or "failed",
+        error_status=int(body.get("error_status") or 422),
+    )
