@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,13 +40,10 @@ import aiohttp
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).parent))
+from http_load import _free_port
+
 STAGES = ("decode", "lookup", "preprocess", "thumbnail", "wait", "infer", "emoji", "store")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _jpegs(n: int) -> list[bytes]:

@@ -51,6 +51,19 @@ def wait_until(check: Callable[[], bool], timeout: float = 60.0, what: str = "co
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def delete_queues(broker_url: str, *names: str) -> None:
+    """Remove a test's queues (a failed delete poisons the channel: take a new one)."""
+    from kombu import Connection
+
+    with Connection(broker_url) as conn:
+        channel = conn.channel()
+        for name in names:
+            try:
+                channel.queue_delete(name)
+            except Exception:
+                channel = conn.channel()
+
+
 def port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1):

@@ -122,13 +122,11 @@ def test_a_broker_that_comes_up_20_seconds_late_is_waited_for_and_then_consumed(
     import signal
     import uuid
 
-    from kombu import Connection
-
     from blip2_service.amqp_topology import Topology
     from blip2_service.publisher import QueuePublisher
     from blip2_service.store import CaptionFilter, CaptionRepository, make_engine
 
-    from ..conftest import image_bytes, wait_until
+    from ..conftest import delete_queues, image_bytes, wait_until
 
     real = _rabbit()
     proxy = TcpProxy("127.0.0.1", 5672)
@@ -171,11 +169,5 @@ def test_a_broker_that_comes_up_20_seconds_late_is_waited_for_and_then_consumed(
         out, _ = worker.communicate(timeout=60)
         proxy.stop()
         engine.dispose()
-        with Connection(real) as conn:
-            channel = conn.channel()
-            for queue in (name, f"{name}.dead"):
-                try:
-                    channel.queue_delete(queue)
-                except Exception:
-                    channel = conn.channel()
+        delete_queues(real, name, f"{name}.dead")
     assert b"waiting for the broker" in out

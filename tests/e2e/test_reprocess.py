@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kombu import Connection
 
 from blip2_service.amqp_topology import Topology
 from blip2_service.captioner.tiny import build_tiny_random
@@ -20,7 +19,7 @@ from blip2_service.domain import GenerationSettings
 from blip2_service.fetching import UrlFetcher
 from blip2_service.store import CaptionFilter, CaptionRepository, make_engine, upgrade
 
-from ..conftest import AMQP_URL, image_bytes, port_open, service_missing, wait_until
+from ..conftest import AMQP_URL, delete_queues, image_bytes, port_open, service_missing, wait_until
 from .test_cli import _cli, _env
 
 
@@ -126,7 +125,4 @@ def test_reprocess_via_queue_feeds_a_real_consumer(
     finally:
         consumer.stop(10)
         engine.dispose()
-        with Connection(broker) as conn:
-            channel = conn.channel()
-            for queue in (name, f"{name}.dead"):
-                channel.queue_delete(queue)
+        delete_queues(broker, name, f"{name}.dead")

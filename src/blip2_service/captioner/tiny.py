@@ -63,6 +63,18 @@ a pair of scissors and a book
 
 _SPECIALS = ["<pad>", "</s>", "<unk>"]
 
+# BLIP-2's published vision tower (EVA ViT-g/14 at 224 px) and Q-Former, shared by every full build.
+_EVA_VIT_G = {
+    "hidden_size": 1408,
+    "intermediate_size": 6144,
+    "num_hidden_layers": 39,
+    "num_attention_heads": 16,
+    "image_size": 224,
+    "patch_size": 14,
+    "qkv_bias": True,
+}
+_QFORMER = {"vocab_size": 30522, "encoder_hidden_size": 1408}
+
 
 def _publish_dir(staging: Path, path: Path, marker_name: str, info: dict[str, Any]) -> Path:
     """Move a finished build into place atomically: a crash or a concurrent builder never
@@ -216,16 +228,8 @@ def make_full_random(
     processor.image_processor.size = {"height": 224, "width": 224}
     tokenizer = processor.tokenizer
     config = Blip2Config(
-        vision_config={
-            "hidden_size": 1408,
-            "intermediate_size": 6144,
-            "num_hidden_layers": 39,
-            "num_attention_heads": 16,
-            "image_size": 224,
-            "patch_size": 14,
-            "qkv_bias": True,
-        },
-        qformer_config={"vocab_size": 30522, "encoder_hidden_size": 1408},
+        vision_config=_EVA_VIT_G,
+        qformer_config=_QFORMER,
         text_config={
             "model_type": "opt",
             "vocab_size": 50272,
@@ -511,16 +515,8 @@ def make_full_random_t5(*, dtype: Any = None, seed: int = 0, device: Any = "cpu"
             "num_decoder_layers": 24,
             "num_heads": 32,
         },
-        vision={
-            "hidden_size": 1408,
-            "intermediate_size": 6144,
-            "num_hidden_layers": 39,
-            "num_attention_heads": 16,
-            "image_size": 224,
-            "patch_size": 14,
-            "qkv_bias": True,
-        },
-        qformer={"vocab_size": 30522, "encoder_hidden_size": 1408},
+        vision=_EVA_VIT_G,
+        qformer=_QFORMER,
     )
     torch.manual_seed(seed)
     with torch.device("meta"):
