@@ -208,6 +208,11 @@ class Settings(BaseSettings):
         return [Path(root).expanduser().resolve() for root in roots]
 
 
+def default(name: str) -> Any:
+    """A setting's default, for the classes that take it as an argument: defaults live here only."""
+    return Settings.model_fields[name].default
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings, turning pydantic's report into one line per bad variable."""
     try:

@@ -23,6 +23,7 @@ from typing import Any
 from .batching import MicroBatcher
 from .captioner.generate import Captioner
 from .captioner.holder import ModelHolder
+from .config import default
 from .domain import (
     CaptionError,
     CaptionRequest,
@@ -45,11 +46,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class PipelineLimits:
-    max_file_size: int = 33_554_432
-    max_image_pixels: int = 89_478_485
-    batch_max_size: int = 16
-    batch_max_wait_s: float = 0.010
-    max_pending: int = 256
+    max_file_size: int = default("max_file_size")
+    max_image_pixels: int = default("max_image_pixels")
+    batch_max_size: int = default("batch_max_size")
+    batch_max_wait_s: float = default("batch_max_wait_ms") / 1000.0
+    max_pending: int = default("max_pending")
     # JPEG decode and resize mostly release the GIL: a GPU eats images faster than two threads
     # decode them, but every extra thread also competes with the launch-bound decode loop for the
     # GIL, and on a 2-core CPU more threads would only fight torch's.

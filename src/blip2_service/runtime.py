@@ -162,7 +162,17 @@ class Runtime:
             health_extras=self.health_extras,
             device_hint=device_hint(s.device),
             gateway=self.gateway,
+            broker_problem=self.broker_problem,
         )
+
+    def broker_problem(self) -> str | None:
+        """Why the broker is unusable now, where one is configured and in use; else None."""
+        for part in [self.gateway, *self.adapters]:
+            if part is not None and getattr(part, "name", "") in ("queue", "gateway"):
+                state = part.health()
+                if state["state"] != "connected":
+                    return f"{part.name} {state['state']}: {state.get('last_error') or 'no connection yet'}"
+        return None
 
     def make_app(self) -> web.Application:
         return make_app(self.http_context())

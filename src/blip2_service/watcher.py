@@ -25,7 +25,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from .config import Settings
+from .config import Settings, default
 from .domain import (
     CaptionError,
     CaptionRequest,
@@ -33,6 +33,7 @@ from .domain import (
     Forbidden,
     GenerationSettings,
     NotFound,
+    PermanentError,
     Source,
     TransientError,
 )
@@ -178,13 +179,13 @@ class FolderWatcher:
         pipeline: CaptionPipeline | None,
         store: CaptionRepository | None,
         generation: GenerationSettings,
-        settle_seconds: float = 1.0,
+        settle_seconds: float = default("watch_settle_seconds"),
         recursive: bool = True,
         polling: bool = False,
         mode: str = "caption",
         publish: Publish | None = None,
         metrics: Metrics | None = None,
-        max_file_size: int = 33_554_432,
+        max_file_size: int = default("max_file_size"),
         poll_interval: float = 1.0,
         follow_symlinks: bool = False,
         backoff: Backoff = WORK,
@@ -401,8 +402,8 @@ class FolderWatcher:
         except Forbidden:
             self._failed(path, "a symlink out of the watched folders", "skipped", _SYMLINK_SKIPPED)
             return
-        except CaptionError as exc:  # too large, unreadable: nothing to hash, so log it loudly
-            self._failed(path, exc.message, "failed", "skipping %s: %s")
+        except CaptionError as exc:  # too large, unreadable: stored as failed, keyed by its path
+            self._record_unreadable(path, size, mtime, exc)
             return
         data = found.data
         if (found.size, found.mtime) != (size, mtime):
@@ -415,6 +416,20 @@ class FolderWatcher:
         with self._inflight_lock:
             self._inflight.add(future)
         future.add_done_callback(lambda f: self._done(path, f))
+
+    def _record_unreadable(self, path: Path, size: int, mtime: float, exc: CaptionError) -> None:
+        """A file that cannot be read has no hash: it is stored as failed under its path (the
+        catch-up then knows it, until it changes), so nothing seen vanishes without a record."""
+        if self.pipeline is not None and isinstance(exc, PermanentError):
+            request = CaptionRequest(
+                Source.WATCH, str(path), f"file:{path}".encode(), self.generation, file_size=size, file_mtime=mtime
+            )
+            try:
+                self.pipeline.record_failure(request, exc)
+            except TransientError as err:
+                self._retry_later(path, err.message)
+                return
+        self._failed(path, exc.message, "failed", "%s stored as failed: %s")
 
     def _done(self, path: Path, future: Future[CaptionResult]) -> None:
         with self._inflight_lock:

@@ -229,3 +229,17 @@ def test_a_symlink_out_of_the_watched_folder_is_skipped_unless_following_is_conf
     assert (secret_sha in stored) is follow  # never stored (nor its thumbnail served) unless allowed
     if not follow:
         assert "symlink out of the watched folders" in (watcher.stats.last_error or "")
+
+
+def test_a_file_too_large_to_read_is_stored_as_failed_under_its_path(
+    start_watcher: Callable[..., FolderWatcher], sqlite_store: CaptionRepository, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    big = inbox / "huge.jpg"
+    big.write_bytes(image_bytes(4300, size=(400, 400)))
+    watcher = start_watcher(inbox, max_file_size=1000)
+    wait_until(lambda: watcher.stats.failed >= 1, 30, "the file to be recorded")
+    failed, _ = sqlite_store.query(CaptionFilter(status="failed"))
+    assert [f["source_ref"] for f in failed] == [str(big.resolve())] or [f["source_ref"] for f in failed] == [str(big)]
+    assert "MAX_FILE_SIZE" in failed[0]["error"] and failed[0]["source"] == "watch"

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from kombu import Connection, Consumer, Queue
@@ -543,4 +544,47 @@ def test_the_consumer_reconnects_after_the_broker_goes_away_and_loses_nothing(
         assert _queue_depth(broker, topology.dead_name) == 0
     finally:
         consumer.stop(timeout=30)
+        proxy.stop()
+
+
+async def test_health_names_the_broker_while_the_consumer_cannot_reach_it(
+    make_pipeline: Callable[..., CaptionPipeline],
+    settings_factory: Callable[..., Any],
+    loaded_holder: Any,
+    aiohttp_client: Callable[..., Any],
+    sqlite_store: CaptionRepository,
+    broker: str,
+    topology: Topology,
+) -> None:
+    from blip2_service.http_api.app import make_app
+    from blip2_service.runtime import Runtime
+
+    real = urlsplit(broker)
+    proxy = TcpProxy(real.hostname or "127.0.0.1", real.port or 5672)
+    proxy.start()
+    consumer = QueueConsumer(
+        f"amqp://guest:guest@127.0.0.1:{proxy.port}//",
+        pipeline=make_pipeline(sqlite_store),
+        topology=topology,
+        prefetch=4,
+        generation=FAST,
+        max_file_size=10_000_000,
+        fetcher=UrlFetcher(timeout=5, max_bytes=10_000_000),
+        backoff=Backoff(0.2, 1.0),
+    )
+    runtime = Runtime(settings_factory(), holder=loaded_holder)
+    runtime.start()
+    runtime.adapters.append(consumer)
+    consumer.start()
+    try:
+        client = await aiohttp_client(make_app(runtime.http_context()))
+        wait_until(lambda: consumer.health()["state"] == "connected", 30, "the consumer to connect")
+        assert (await client.get("/health")).status == 200
+        proxy.stop()
+        wait_until(lambda: consumer.health()["state"] != "connected", 30, "the consumer to notice")
+        resp = await client.get("/health")
+        body = await resp.json()
+        assert resp.status == 503 and body["broker"] == "down" and "broker" in body["unavailable"]
+    finally:
+        runtime.stop()
         proxy.stop()

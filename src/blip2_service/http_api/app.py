@@ -157,6 +157,12 @@ async def health(request: web.Request) -> web.Response:
     if holder.error:
         body["error"] = holder.error
     unavailable = ["store"] if store_problem else []
+    broker_problem = ctx.broker_problem()
+    if broker_problem:
+        healthy = False
+        body["status"] = "unhealthy"
+        body["broker"] = "down"
+        unavailable.append("broker")
     if ctx.gateway is not None:
         body["workers"] = ctx.gateway.workers
         if not ctx.gateway.workers:
@@ -167,6 +173,8 @@ async def health(request: web.Request) -> web.Response:
     if ctx.settings.health_details or (api_key and hmac.compare_digest(request_key(request), api_key.encode())):
         if store_problem:
             body["store_error"] = store_problem
+        if broker_problem:
+            body["broker_error"] = broker_problem
         body.update(ctx.health_extras())
     return json_response(body, status=200 if healthy else 503)
 

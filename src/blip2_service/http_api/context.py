@@ -32,6 +32,7 @@ class HttpContext:
     health_extras: Callable[[], dict[str, Any]] = field(default=lambda: {})
     device_hint: str = "cpu"  # the device DEVICE resolves to, shown before the model is loaded
     gateway: QueueGateway | None = None  # INFERENCE=queue: captions come from workers through the queue
+    broker_problem: Callable[[], str | None] = field(default=lambda: None)  # why the broker is down, if it is
 
 
 CONTEXT = web.AppKey("blip2_context", HttpContext)
