@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test test-docker lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ run: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The image and the compose stack on a real Docker engine (installs docker.io, starts dockerd,
+# debootstraps a base image when missing): tools/docker/test_docker.sh says what it checks.
+test-docker: install
+	PYTHON=$(PY) bash tools/docker/test_docker.sh
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench tools
