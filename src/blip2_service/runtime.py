@@ -264,6 +264,14 @@ class Runtime:
 
     async def serve(self, *, watch: bool = True, consume: bool = True) -> None:
         """Run the HTTP API (and configured adapters) until SIGINT/SIGTERM, then drain."""
+        if self.settings.broker_url:
+            # The consumer, the gateway or a publishing watcher will need it: wait for it now
+            # (bounded by STARTUP_TIMEOUT), rather than serve without it and only log the loss.
+            from .amqp_topology import wait_for_broker
+
+            await asyncio.get_running_loop().run_in_executor(
+                None, wait_for_broker, self.settings.broker_url, self.settings.startup_timeout
+            )
         self.start()
         if self.settings.listen_after_load:
             # As the legacy service did: no connection is accepted until the model is ready, so

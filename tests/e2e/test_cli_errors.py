@@ -171,3 +171,13 @@ def test_a_broker_that_comes_up_20_seconds_late_is_waited_for_and_then_consumed(
         engine.dispose()
         delete_queues(real, name, f"{name}.dead")
     assert b"waiting for the broker" in out
+
+
+@pytest.mark.rabbitmq
+def test_serve_with_a_broker_that_stays_unreachable_exits_with_one_line(tmp_path: Path, data_dir: Path) -> None:
+    _rabbit()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    env = _env(tmp_path, data_dir, BROKER_URL=f"amqp://guest:guest@127.0.0.1:{dead_port}//", STARTUP_TIMEOUT="2")
+    _one_line(_cli("serve", env=env, cwd=tmp_path), "cannot reach the broker", "BROKER_URL")
