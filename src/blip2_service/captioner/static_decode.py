@@ -20,6 +20,7 @@ Like gpt-fast, the loop never asks the GPU whether it is done at every step: it 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,9 +123,15 @@ class StaticDecoder:
         self._shared: Any = None
         self._shared_rows = 0
         self._step_fn: Any = self._forward_step
+        # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this one takes.
+        params = inspect.signature(language_model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         if compiled:
             # One graph per bucket (and per beam width): more than dynamo's default of 8.
-            torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+            dynamo = torch._dynamo.config
+            for limit in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+                if hasattr(dynamo, limit):
+                    setattr(dynamo, limit, max(64, getattr(dynamo, limit)))
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             self._step_fn = torch.compile(self._forward_step, mode=mode, fullgraph=True)
 
@@ -180,9 +187,9 @@ class StaticDecoder:
                 inputs_embeds=inputs_embeds,
                 attention_mask=mask,
                 position_ids=positions,
-                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self._cache_kw: cache},
             )
             logits = out.logits[:, -1, :].float()
             del out
@@ -198,7 +205,9 @@ class StaticDecoder:
     # -- the captured step ----------------------------------------------------------------
 
     def _forward_step(self, cache: Any, tokens: Any, positions: Any, mask: Any) -> Any:
-        out = self.lm(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        out = self.lm(
+            input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_kw: cache}
+        )
         return out.logits[:, -1, :]
 
     def _step(self, state: _State, tokens: Any, t: int) -> Any:
