@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU figures in one device call (under 10 minutes on an H100/H200), full-random BLIP-2 OPT-2.7b
+# GPU figures in one or two device calls (each under 10 minutes: `gpu.sh check profile`, then
+# `gpu.sh serve blip`; all four steps fit one call when the machine is warm), full-random BLIP-2 OPT-2.7b
 # (published shapes, random weights, no download), float16, 20 tokens. Default steps:
+#   check    the compiled static decode gives generate's captions on this GPU (tiny-random, fp32)
 #   profile  the decode step before/after: generate vs the compiled static-cache decode (batch 1/16/64)
 #   serve    the real server (HTTP, SQLite), greedy and beam 5: single-image p50/p90, 64 clients,
 #            GPU utilisation, start-up, peak memory, and the in-process Captioner at the same batch
@@ -40,20 +42,21 @@ run() {  # run NAME SECONDS SCRIPT ARGS...
   echo "=== $name exit ${PIPESTATUS[0]}"
 }
 
-STEPS=${*:-profile serve blip}  # or name some: bench/gpu.sh serve
+STEPS=${*:-check profile serve blip}  # or name some: bench/gpu.sh serve
 for s in $STEPS; do
   case $s in
-    profile) run profile 150 bench/generate_profile.py --model full-random --device cuda --dtypes float16 \
+    check) run check 80 bench/gpu_check.py --device cuda ;;
+    profile) run profile 120 bench/generate_profile.py --model full-random --device cuda --dtypes float16 \
       --batches 1,16,64 --compile --profile-rows 0 ;;
-    serve) run serve 300 bench/gpu_serve.py --model full-random --device cuda --dtype float16 --tokens 20 \
+    serve) run serve 280 bench/gpu_serve.py --model full-random --device cuda --dtype float16 --tokens 20 \
       --decode greedy,beam --clients 64 --seconds 15 --single 20 --batch-max 64 ;;
-    blip) run blip 100 bench/gpu_serve.py --model blip-large-random --device cuda --dtype float16 --tokens 20 \
+    blip) run blip 90 bench/gpu_serve.py --model blip-large-random --device cuda --dtype float16 --tokens 20 \
       --decode greedy --clients 16 --seconds 5 --single 20 --batch-max 16 --no-inprocess ;;
     greedy) step greedy 150 --model full-random --device cuda --dtype float16 --decode greedy \
       --tokens 20 --seed-images 8 --batches 1,8,16,32,64 --images 64 --show-batches ;;
     beam) step beam 90 --model full-random --device cuda --dtype float16 --decode beam \
       --tokens 20 --seed-images 4 --batches 8,32 --images 32 --show-batches ;;
     tiny) step tiny 60 --model tiny-random --device cuda --dtype float16 --decode greedy --batch 8 --images 128 ;;
-    *) echo "unknown step $s (profile, serve, blip, greedy, beam, tiny)"; exit 2 ;;
+    *) echo "unknown step $s (check, profile, serve, blip, greedy, beam, tiny)"; exit 2 ;;
   esac
 done
