@@ -11,8 +11,7 @@ FROM ${BASE_IMAGE} AS base
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH \
     DATA_DIR=/data DATABASE_URL=sqlite:////data/blip2.db HF_HOME=/models
-RUN --mount=type=secret,id=extra_ca \
-    set -e; \
+RUN set -e; \
     if ! command -v python3 >/dev/null || ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         python3 python3-venv ca-certificates >/dev/null && rm -rf /var/lib/apt/lists/*; \
@@ -23,6 +22,13 @@ RUN --mount=type=secret,id=extra_ca \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src
+# What both targets run; each drops to the `blip2` user after installing.
+VOLUME ["/data", "/inbox", "/models"]
+EXPOSE 7777
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
+  CMD python3 -c "import sys,urllib.request as u; sys.exit(0 if u.urlopen('http://127.0.0.1:7777/health', timeout=4).status == 200 else 1)"
+ENTRYPOINT ["blip2-service"]
+CMD ["serve"]
 
 FROM base AS cuda
 ARG TORCH_SPEC=torch==2.13.0
@@ -31,12 +37,6 @@ RUN --mount=type=secret,id=extra_ca \
     if [ -s /run/secrets/extra_ca ]; then export PIP_CERT=/run/secrets/extra_ca; fi; \
     pip install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX" && pip install -q . && rm -rf /app/build
 USER blip2
-VOLUME ["/data", "/inbox", "/models"]
-EXPOSE 7777
-HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
-  CMD python3 -c "import sys,urllib.request as u; sys.exit(0 if u.urlopen('http://127.0.0.1:7777/health', timeout=4).status == 200 else 1)"
-ENTRYPOINT ["blip2-service"]
-CMD ["serve"]
 
 FROM base AS cpu
 ARG TORCH_SPEC=torch==2.13.0
@@ -49,9 +49,3 @@ RUN --mount=type=secret,id=extra_ca \
     else pip install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX"; fi; \
     pip install -q . && rm -rf /tmp/wheels /app/build
 USER blip2
-VOLUME ["/data", "/inbox", "/models"]
-EXPOSE 7777
-HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
-  CMD python3 -c "import sys,urllib.request as u; sys.exit(0 if u.urlopen('http://127.0.0.1:7777/health', timeout=4).status == 200 else 1)"
-ENTRYPOINT ["blip2-service"]
-CMD ["serve"]

@@ -43,7 +43,8 @@ class QueueGateway:
             f"blip2.gateway.{socket.gethostname()}.{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True
         )
         self._outbox: queue.Queue[tuple[dict[str, Any], str]] = queue.Queue()
-        self._waiting: dict[str, Future[dict[str, Any]]] = {}
+        # correlation id -> (the reply's future, when to give up on it)
+        self._waiting: dict[str, tuple[Future[dict[str, Any]], float]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -61,7 +62,7 @@ class QueueGateway:
         self._stop.set()
         self._thread.join(timeout)
         with self._lock:
-            for future in self._waiting.values():
+            for future, _deadline in self._waiting.values():
                 if not future.done():
                     future.set_exception(ModelNotReady("The gateway is shutting down; retry", retry_after=5))
             self._waiting.clear()
@@ -88,7 +89,7 @@ class QueueGateway:
         correlation = uuid.uuid4().hex
         reply: Future[dict[str, Any]] = Future()
         with self._lock:
-            self._waiting[correlation] = reply
+            self._waiting[correlation] = (reply, time.monotonic() + self.timeout)
         settings = request.settings
         body: dict[str, Any] = {
             "image_b64": base64.b64encode(request.data).decode(),
@@ -102,12 +103,8 @@ class QueueGateway:
             body["prompt"] = settings.prompt
         self._outbox.put((body, correlation))
         outer: Future[CaptionResult] = Future()
-        timer = threading.Timer(self.timeout, self._expire, args=(correlation,))
-        timer.daemon = True
-        timer.start()
 
         def done(f: Future[dict[str, Any]]) -> None:
-            timer.cancel()
             exc = f.exception()
             if exc is not None:
                 outer.set_exception(exc)
@@ -117,17 +114,22 @@ class QueueGateway:
         reply.add_done_callback(done)
         return outer
 
-    def _expire(self, correlation: str) -> None:
+    def _expire_overdue(self) -> None:
+        """Fail the requests no worker answered within GATEWAY_TIMEOUT (the AMQP thread's loop
+        calls this; one clock for all of them, not a timer thread each)."""
+        now = time.monotonic()
         with self._lock:
-            future = self._waiting.pop(correlation, None)
-        if future is not None and not future.done():
-            future.set_exception(
-                ModelNotReady(
-                    f"No worker answered within GATEWAY_TIMEOUT={self.timeout:g}s; the workers are busy or gone, "
-                    "retry shortly",
-                    retry_after=max(1.0, self.timeout / 2),
+            overdue = [c for c, (_f, deadline) in self._waiting.items() if deadline <= now]
+            futures = [self._waiting.pop(c)[0] for c in overdue]
+        for future in futures:
+            if not future.done():
+                future.set_exception(
+                    ModelNotReady(
+                        f"No worker answered within GATEWAY_TIMEOUT={self.timeout:g}s; the workers are busy or "
+                        "gone, retry shortly",
+                        retry_after=max(1.0, self.timeout / 2),
+                    )
                 )
-            )
 
     # -- the AMQP thread ------------------------------------------------------------------
 
@@ -139,6 +141,7 @@ class QueueGateway:
                 self.state = "reconnecting"
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("gateway: broker connection lost (%s); reconnecting", exc)
+                self._expire_overdue()
                 self._stop.wait(1.0)
 
     def _serve(self) -> None:
@@ -157,6 +160,7 @@ class QueueGateway:
                     self._ready.set()
                     next_count = time.monotonic() + 2.0
                 self._send_pending(producer)
+                self._expire_overdue()
                 with contextlib.suppress(TimeoutError, socket.timeout):
                     conn.drain_events(timeout=0.05)
 
@@ -190,9 +194,9 @@ class QueueGateway:
         message.ack()
         correlation = message.properties.get("correlation_id")
         with self._lock:
-            future = self._waiting.pop(correlation, None)
-        if future is not None and not future.done() and isinstance(body, dict):
-            future.set_result(body)
+            waiting = self._waiting.pop(correlation, None)
+        if waiting is not None and not waiting[0].done() and isinstance(body, dict):
+            waiting[0].set_result(body)
 
 
 def result_from_reply(body: dict[str, Any]) -> CaptionResult:

@@ -15,6 +15,13 @@ from ..tcp_proxy import TcpProxy
 from .test_cli import _cli, _env
 
 
+def _dead_port() -> int:
+    """A port nothing listens on: connections to it are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _one_line(done: subprocess.CompletedProcess[str], *fragments: str) -> str:
     assert done.returncode != 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr, done.stderr
@@ -65,9 +72,7 @@ def test_watch_dirs_that_do_not_exist_stop_the_start(tmp_path: Path, data_dir: P
 
 @pytest.mark.postgres
 def test_an_unreachable_database_is_waited_for_then_one_line(tmp_path: Path, data_dir: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
+    dead_port = _dead_port()
     env = _env(tmp_path, data_dir, DATABASE_URL=f"postgresql+psycopg://u@127.0.0.1:{dead_port}/db", STARTUP_TIMEOUT="3")
     done = _cli("db", "upgrade", env=env, cwd=tmp_path)
     _one_line(done, "cannot reach the database", "STARTUP_TIMEOUT=3", "DATABASE_URL")
@@ -107,9 +112,7 @@ def _rabbit() -> str:
 @pytest.mark.rabbitmq
 def test_an_unreachable_broker_is_waited_for_then_one_line(tmp_path: Path, data_dir: Path) -> None:
     _rabbit()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
+    dead_port = _dead_port()
     env = _env(tmp_path, data_dir, BROKER_URL=f"amqp://guest:guest@127.0.0.1:{dead_port}//", STARTUP_TIMEOUT="3")
     done = _cli("consume", env=env, cwd=tmp_path)
     _one_line(done, "cannot reach the broker", "STARTUP_TIMEOUT=3", "BROKER_URL")
@@ -176,8 +179,6 @@ def test_a_broker_that_comes_up_20_seconds_late_is_waited_for_and_then_consumed(
 @pytest.mark.rabbitmq
 def test_serve_with_a_broker_that_stays_unreachable_exits_with_one_line(tmp_path: Path, data_dir: Path) -> None:
     _rabbit()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
+    dead_port = _dead_port()
     env = _env(tmp_path, data_dir, BROKER_URL=f"amqp://guest:guest@127.0.0.1:{dead_port}//", STARTUP_TIMEOUT="2")
     _one_line(_cli("serve", env=env, cwd=tmp_path), "cannot reach the broker", "BROKER_URL")

@@ -219,6 +219,10 @@ class StaticDecoder:
 
     # -- token selection (mirrors transformers' greedy and beam search) ---------------------
 
+    def _biases(self, rules: TokenRules, vocab: int, max_new: int, min_new: int) -> list[Any]:
+        """The bias of each step up to the first after `min_new` (every later step uses the last)."""
+        return [self._bias(rules, vocab, t, min_new) for t in range(min(max_new, max(min_new, 1) + 1))]
+
     def _bias(self, rules: TokenRules, vocab: int, t: int, min_new_tokens: int) -> Any:
         import torch
 
@@ -238,7 +242,7 @@ class StaticDecoder:
 
         rows, vocab = logits.shape
         eos = torch.tensor(rules.eos, device=self.device)
-        biases = [self._bias(rules, vocab, t, min_new) for t in range(min(max_new, max(min_new, 1) + 1))]
+        biases = self._biases(rules, vocab, max_new, min_new)
         out = torch.full((rows, max_new), rules.pad, dtype=torch.long, device=self.device)
         unfinished = torch.ones(rows, dtype=torch.bool, device=self.device)
         used = 0
@@ -265,7 +269,7 @@ class StaticDecoder:
         device = self.device
         vocab = logits.shape[-1]
         eos = torch.tensor(rules.eos, device=device)
-        biases = [self._bias(rules, vocab, t, min_new) for t in range(min(max_new, max(min_new, 1) + 1))]
+        biases = self._biases(rules, vocab, max_new, min_new)
         keep = max(2, 1 + len(rules.eos)) * num_beams
         top_mask = torch.cat(
             [torch.ones(num_beams, dtype=torch.bool), torch.zeros(keep - num_beams, dtype=torch.bool)]

@@ -89,6 +89,15 @@ def _publish_dir(staging: Path, path: Path, marker_name: str, info: dict[str, An
     return path
 
 
+def _built(path: Path, marker_name: str) -> bool:
+    """Whether a finished build is at `path`; a half-written one (an older version's) is removed."""
+    if (path / marker_name).exists():
+        return True
+    if path.exists():
+        shutil.rmtree(path)
+    return False
+
+
 def _staging(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
@@ -97,10 +106,8 @@ def _staging(path: Path) -> Path:
 def build_tiny_random(path: Path, *, seed: int = 0, image_size: int = 64, num_query_tokens: int = 8) -> Path:
     """Create the tiny checkpoint in `path` (idempotent: an existing build is reused)."""
     marker = path / "tiny-random.json"
-    if marker.exists():
+    if _built(path, marker.name):
         return path
-    if path.exists():
-        shutil.rmtree(path)  # an unfinished build from an older version
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import (
@@ -264,10 +271,8 @@ def make_full_random(
 def build_full_random(path: Path, *, seed: int = 0) -> Path:
     """`MODEL=full-random`: the in-memory build saved (bfloat16, about 8 GB) for `from_pretrained`."""
     marker = path / "full-random.json"
-    if marker.exists():
+    if _built(path, marker.name):
         return path
-    if path.exists():
-        shutil.rmtree(path)
     import torch
 
     model, processor = make_full_random(dtype=torch.bfloat16, seed=seed, work_dir=path.parent)
@@ -305,11 +310,8 @@ def _blip_tokenizer() -> Any:
 
 
 def _build_blip(path: Path, marker_name: str, vision: dict[str, Any], text: dict[str, Any], std: float) -> Path:
-    marker = path / marker_name
-    if marker.exists():
+    if _built(path, marker_name):
         return path
-    if path.exists():
-        shutil.rmtree(path)
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
@@ -447,10 +449,8 @@ def build_tiny_random_t5(path: Path, *, seed: int = 0) -> Path:
     """`MODEL=tiny-random-t5`: BLIP-2 with a Flan-T5-shaped (encoder-decoder) language model in
     miniature, saved and loaded through from_pretrained like `tiny-random`."""
     marker = path / "tiny-random-t5.json"
-    if marker.exists():
+    if _built(path, marker.name):
         return path
-    if path.exists():
-        shutil.rmtree(path)
     import torch
     from transformers import Blip2ForConditionalGeneration
 
