@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# GPU figures in one or two device calls (each under 10 minutes: `gpu.sh check profile`, then
-# `gpu.sh serve blip`; all four steps fit one call when the machine is warm), full-random BLIP-2 OPT-2.7b
+# GPU figures in two device calls (each under 10 minutes: `gpu.sh check profile profile-blip`,
+# then `gpu.sh serve blip`), full-random BLIP-2 OPT-2.7b
 # (published shapes, random weights, no download), float16, 20 tokens. Default steps:
-#   check    the compiled static decode gives generate's captions on this GPU (tiny-random, fp32)
+#   check    the compiled static decode gives generate's captions on this GPU (OPT, T5, BLIP tiny, fp32)
 #   profile  the decode step before/after: generate vs the compiled static-cache decode (batch 1/16/64)
+#   profile-blip  the same for blip-large-random (batch 1/16)
 #   serve    the real server (HTTP, SQLite), greedy and beam 5: single-image p50/p90, 64 clients,
 #            GPU utilisation, start-up, peak memory, and the in-process Captioner at the same batch
 #   blip     the same server with blip-large-random (the legacy service's model shapes), greedy
@@ -42,21 +43,23 @@ run() {  # run NAME SECONDS SCRIPT ARGS...
   echo "=== $name exit ${PIPESTATUS[0]}"
 }
 
-STEPS=${*:-check profile serve blip}  # or name some: bench/gpu.sh serve
+STEPS=${*:-check profile profile-blip serve blip}  # or name some: bench/gpu.sh serve
 for s in $STEPS; do
   case $s in
-    check) run check 80 bench/gpu_check.py --device cuda ;;
+    check) run check 150 bench/gpu_check.py --device cuda ;;
     profile) run profile 120 bench/generate_profile.py --model full-random --device cuda --dtypes float16 \
       --batches 1,16,64 --compile --profile-rows 0 ;;
+    profile-blip) run profile-blip 100 bench/generate_profile.py --model blip-large-random --device cuda \
+      --dtypes float16 --batches 1,16 --compile --profile-rows 0 ;;
     serve) run serve 280 bench/gpu_serve.py --model full-random --device cuda --dtype float16 --tokens 20 \
       --decode greedy,beam --clients 64 --seconds 15 --single 20 --batch-max 64 ;;
-    blip) run blip 90 bench/gpu_serve.py --model blip-large-random --device cuda --dtype float16 --tokens 20 \
+    blip) run blip 150 bench/gpu_serve.py --model blip-large-random --device cuda --dtype float16 --tokens 20 \
       --decode greedy --clients 16 --seconds 5 --single 20 --batch-max 16 --no-inprocess ;;
     greedy) step greedy 150 --model full-random --device cuda --dtype float16 --decode greedy \
       --tokens 20 --seed-images 8 --batches 1,8,16,32,64 --images 64 --show-batches ;;
     beam) step beam 90 --model full-random --device cuda --dtype float16 --decode beam \
       --tokens 20 --seed-images 4 --batches 8,32 --images 32 --show-batches ;;
     tiny) step tiny 60 --model tiny-random --device cuda --dtype float16 --decode greedy --batch 8 --images 128 ;;
-    *) echo "unknown step $s (check, profile, serve, blip, greedy, beam, tiny)"; exit 2 ;;
+    *) echo "unknown step $s (check, profile, profile-blip, serve, blip, greedy, beam, tiny)"; exit 2 ;;
   esac
 done

@@ -1,6 +1,7 @@
 """Before timing anything on a lent GPU: does the compiled static-cache decode give the captions
-`generate` gives there? tiny-random in float32 (where both do the same arithmetic), greedy and
-beam, batches that are padded and split, with the CUDA graphs recorded (COMPILE=on).
+`generate` gives there? Each family's tiny model (OPT, Flan-T5, BLIP) in float32 (where both do the
+same arithmetic), greedy and beam, batches that are padded and split, with the CUDA graphs recorded
+(COMPILE=on).
 
   python bench/gpu_check.py --device cuda        (bench/gpu.sh runs it first)
   .venv/bin/python bench/gpu_check.py --device cpu  (the same check here, inductor without graphs)
@@ -39,8 +40,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/blip2-bench/data"))
+    parser.add_argument("--models", default="tiny-random,tiny-random-t5,tiny-random-blip")
     args = parser.parse_args()
-    loaded = load_model("tiny-random", device=args.device, dtype="float32", data_dir=args.data_dir)
+    failures = 0
+    for name in args.models.split(","):
+        failures += check(name, args.device, args.data_dir)
+    return 1 if failures else 0
+
+
+def check(name: str, device: str, data_dir: Path) -> int:
+    """How many of the model's batch/beam cases differ from `generate`."""
+    loaded = load_model(name, device=device, dtype="float32", data_dir=data_dir)
     plain = Captioner(loaded)
     failures = 0
     for beams in (1, 3):
@@ -66,13 +76,13 @@ def main() -> int:
             same = got == expected
             failures += 0 if same else 1
             print(
-                f"{args.device} beams={beams} batch={size:2d}: {'same' if same else 'DIFFERENT'} captions, "
+                f"{name} {device} beams={beams} batch={size:2d}: {'same' if same else 'DIFFERENT'} captions, "
                 f"compiled {1000 * took:.1f} ms (warm-up {warm:.1f}s)",
                 flush=True,
             )
             if not same:
                 print(f"   generate: {expected}\n   compiled: {got}", flush=True)
-    return 1 if failures else 0
+    return failures
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The static-cache, bucket-padded decode loop (COMPILE) against `generate`, on the real tiny-random model.
+"""The static-cache, bucket-padded decode loop (COMPILE) against `generate`, on the real tiny models of
+every family: BLIP-2 OPT (tiny-random), BLIP-2 Flan-T5 (tiny-random-t5) and BLIP (tiny-random-blip).
 
 Float32 throughout: there both paths do the same arithmetic, so the captions must be identical.
 (In half precision the two attention layouts round differently and beam search may break a
@@ -12,18 +13,20 @@ import io
 import threading
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from blip2_service.captioner import Captioner, LoadedModel
+from blip2_service.captioner import Captioner, LoadedModel, load_model
 from blip2_service.captioner.holder import ModelHolder
 from blip2_service.captioner.static_decode import (
     PROMPT_ROOM,
     StaticDecoder,
     compile_enabled,
     effective_buckets,
+    make_decoder,
     unsupported_reason,
 )
 from blip2_service.domain import GenerationSettings
@@ -101,6 +104,71 @@ def test_static_decoder_is_used_and_hands_what_it_cannot_do_to_generate(
     sampled = captioner.caption_batch(pixels, [GenerationSettings(num_beams=1, max_new_tokens=6, num_captions=3)] * 2)
     assert [len(c) for c in sampled] == [3, 3]
     assert calls == [1]
+
+
+@pytest.fixture(scope="module", params=["tiny-random-t5", "tiny-random-blip"])
+def cross_family(request: pytest.FixtureRequest, data_dir: Path) -> tuple[Captioner, Captioner]:
+    """`generate` and the static decoder on a model whose decoder attends to an encoder (T5, BLIP)."""
+    loaded = load_model(str(request.param), data_dir=data_dir, dtype="float32", device="cpu")
+    decoder = make_decoder(loaded, mode="on", buckets=(1, 2, 4, 8), batch_max_size=8, max_new_tokens=12)
+    assert decoder is not None and decoder.family == ("seq2seq" if loaded.kind == "blip2" else "blip-text")
+    decoder.compiled, decoder._step_fn = False, decoder._forward  # eager here; compiled below
+    return Captioner(loaded), Captioner(loaded, decoder=decoder)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+@pytest.mark.parametrize("size", [3, 11])
+def test_cross_attention_decoders_give_exactly_the_captions_of_generate(
+    cross_family: tuple[Captioner, Captioner], beams: int, size: int
+) -> None:
+    plain, static = cross_family
+    pixels = _pixels(plain, size, start=140)
+    settings = [GenerationSettings(num_beams=beams, max_new_tokens=12, min_new_tokens=2) for _ in range(size)]
+    expected = plain.caption_batch(pixels, settings)
+    assert static.caption_batch(pixels, settings) == expected
+    assert len({c[0] for c in expected}) > 1
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_cross_attention_decoders_with_prompts(cross_family: tuple[Captioner, Captioner], beams: int) -> None:
+    """T5 batches mixed prompts (its encoder input right-padded); BLIP one prompt per call, kept in its output."""
+    plain, static = cross_family
+    pixels = _pixels(plain, len(PROMPTS), start=160)
+    settings = [GenerationSettings(num_beams=beams, max_new_tokens=12, min_new_tokens=6, prompt=p) for p in PROMPTS]
+    assert static.caption_batch(pixels, settings) == plain.caption_batch(pixels, settings)
+
+
+def test_cross_attention_decoder_is_used(
+    cross_family: tuple[Captioner, Captioner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain, static = cross_family
+    decoder = static.decoder
+    assert decoder is not None
+    calls: list[int] = []
+    original = decoder.generate
+    monkeypatch.setattr(decoder, "generate", lambda *a, **k: calls.append(1) or original(*a, **k))
+    pixels = _pixels(plain, 2, start=180)
+    greedy = [GenerationSettings(num_beams=1, max_new_tokens=10)] * 2
+    assert static.caption_batch(pixels, greedy) == plain.caption_batch(pixels, greedy)
+    assert calls == [1]
+    # More prompt than the cache holds: `generate` answers (T5: the encoder's room; BLIP: the decoder's).
+    long_prompt = [GenerationSettings(num_beams=1, max_new_tokens=10, prompt=" ".join(["dog"] * (PROMPT_ROOM + 5)))] * 2
+    assert static.caption_batch(pixels, long_prompt) == plain.caption_batch(pixels, long_prompt)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("name", ["tiny-random-t5", "tiny-random-blip"])
+def test_cross_attention_step_compiles_whole(name: str, data_dir: Path) -> None:
+    """fullgraph=True on the CPU's inductor: a graph break in T5's or BLIP's step would raise here."""
+    loaded = load_model(name, data_dir=data_dir, dtype="float32", device="cpu")
+    decoder = make_decoder(loaded, mode="on", buckets=(1, 2), batch_max_size=2, max_new_tokens=8)
+    captioner = Captioner(loaded, decoder=decoder)
+    assert captioner.warm_up(GenerationSettings(num_beams=1, max_new_tokens=8)) == 2
+    plain = Captioner(loaded)
+    pixels = _pixels(plain, 3, start=190)
+    for beams in (1, 2):
+        settings = [GenerationSettings(num_beams=beams, max_new_tokens=8)] * 3
+        assert captioner.caption_batch(pixels, settings) == plain.caption_batch(pixels, settings)
 
 
 def test_generation_configs_the_loop_cannot_mirror_are_named(tiny_model: LoadedModel) -> None:

@@ -22,7 +22,7 @@ from PIL import Image
 from ..domain import BadInput, GenerationSettings
 from .loading import LoadedModel
 from .pixels import PixelPrep
-from .static_decode import StaticDecoder, TokenRules, unsupported_reason
+from .static_decode import DecodeInputs, StaticDecoder, TokenRules, unsupported_reason
 
 log = logging.getLogger(__name__)
 
@@ -159,49 +159,81 @@ class Captioner:
         return [texts[i * n : (i + 1) * n] for i in range(len(pixels))]
 
     def _static_fits(self, first: GenerationSettings, config: Any) -> bool:
-        return (
-            self.decoder is not None
-            and self._is_decoder_only
-            and not first.sampled
-            and unsupported_reason(config) is None
-        )
+        return self.decoder is not None and not first.sampled and unsupported_reason(config) is None
 
     def _generate_static(self, inputs: dict[str, Any], config: Any, first: GenerationSettings) -> Any:
-        """New tokens from the static decoder, or None when the prompt leaves it no room (then `generate`)."""
+        """Token ids from the static decoder, as `generate` returns them for this family, or None
+        when the prompt leaves it no room (then `generate` decodes)."""
         import torch
 
         decoder = self.decoder
         assert decoder is not None
-        pixel_values = inputs["pixel_values"]
-        batch = pixel_values.shape[0]
-        input_ids = inputs.get("input_ids")
-        if input_ids is None:
-            start = [*self._image_token_ids, self._model.config.text_config.bos_token_id]
-            input_ids = torch.tensor([start], dtype=torch.long, device=pixel_values.device).repeat(batch, 1)
-        attention_mask = inputs.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if not decoder.fits(input_ids.shape[1], first.max_new_tokens):
-            return None
-        rules = TokenRules.from_generation_config(config)
         with torch.inference_mode(), attention_kernels(self.loaded.device):
-            features = self._model.get_image_features(pixel_values=pixel_values).pooler_output
-            embeds = self._model.get_input_embeddings()(input_ids)
-            image_slots = (input_ids == self._model.config.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))
+            start = self._decode_inputs(inputs)
+            source_len = 0 if start.encoder_states is None else start.encoder_states.shape[1]
+            if not decoder.fits(start.mask.shape[1], first.max_new_tokens, source_len):
+                return None
+            rules = self._token_rules(config)
             outputs = []
-            for start_row in range(0, batch, decoder.largest):
-                rows = slice(start_row, start_row + decoder.largest)
+            for first_row in range(0, start.mask.shape[0], decoder.largest):
                 tokens = decoder.generate(
-                    embeds[rows],
-                    attention_mask[rows],
+                    start.rows(slice(first_row, first_row + decoder.largest)),
                     rules=rules,
                     num_beams=first.num_beams,
                     max_new_tokens=first.max_new_tokens,
                     min_new_tokens=first.min_new_tokens,
                 )
                 outputs.extend(tokens.unbind(0))
-        return torch.nn.utils.rnn.pad_sequence(outputs, batch_first=True, padding_value=rules.pad)
+        new = torch.nn.utils.rnn.pad_sequence(outputs, batch_first=True, padding_value=rules.pad)
+        # BLIP's generate returns its prompt (BOS first) before the new tokens; the caller strips it.
+        return torch.cat([start.ids, new], dim=1) if self.loaded.kind == "blip" else new
+
+    def _decode_inputs(self, inputs: dict[str, Any]) -> DecodeInputs:
+        """What the language model starts from, computed as the model's own `generate` does."""
+        import torch
+
+        model = self._model
+        pixel_values = inputs["pixel_values"]
+        batch = pixel_values.shape[0]
+        device = pixel_values.device
+        if self.loaded.kind == "blip":
+            image = model.vision_model(pixel_values=pixel_values)[0]
+            image_mask = torch.ones(image.shape[:2], dtype=torch.long, device=device)
+            text = model.config.text_config
+            if "input_ids" in inputs:  # [CLS] prompt [SEP] -> [BOS] prompt
+                ids = inputs["input_ids"][:, :-1].clone()
+                ids[:, 0] = text.bos_token_id
+                mask = inputs["attention_mask"][:, :-1]
+            else:
+                ids = torch.full((batch, 1), text.bos_token_id, dtype=torch.long, device=device)
+                mask = torch.ones_like(ids)
+            return DecodeInputs(mask=mask, ids=ids, encoder_states=image, encoder_mask=image_mask)
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            prompt = [*self._image_token_ids, model.config.text_config.bos_token_id]
+            input_ids = torch.tensor([prompt], dtype=torch.long, device=device).repeat(batch, 1)
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        features = model.get_image_features(pixel_values=pixel_values).pooler_output
+        embeds = model.get_input_embeddings()(input_ids)
+        image_slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))
+        if not self._is_encoder_decoder:
+            return DecodeInputs(mask=mask, embeds=embeds)
+        encoded = model.language_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        start = model.language_model.generation_config.decoder_start_token_id
+        if start is None:
+            start = self._generation_config.decoder_start_token_id
+        ids = torch.full((batch, 1), int(start), dtype=torch.long, device=device)
+        return DecodeInputs(mask=torch.ones_like(ids), ids=ids, encoder_states=encoded, encoder_mask=mask)
+
+    def _token_rules(self, config: Any) -> TokenRules:
+        if self.loaded.kind == "blip":  # BLIP's generate stops at [SEP] and pads with [PAD]
+            text = self._model.config.text_config
+            config = copy.deepcopy(config)
+            config.update(eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id)
+        return TokenRules.from_generation_config(config)
 
     def warm_up(self, settings: GenerationSettings) -> int:
         """Run every bucket once (largest first) so no request pays for compiling or recording a graph.
@@ -210,7 +242,7 @@ class Captioner:
         """
 
         decoder = self.decoder
-        if decoder is None or not self._is_decoder_only:
+        if decoder is None:
             return 0
         size = self._image_processor.size
         height, width = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2

@@ -7,12 +7,16 @@ once takes about 1 ms. Here the per-token forward runs against a KV cache of fix
 replay it with one launch. Batches are padded up to a fixed set of sizes (buckets), each warmed at
 start, so no request ever pays for a recording.
 
+Three decoder shapes, one loop: BLIP-2's decoder-only language models (OPT) start from the prompt's
+embeddings; BLIP's text decoder and BLIP-2 Flan-T5's decoder start from token ids and attend to an
+encoder's states (the image embeddings; T5's encoder output), whose keys and values are computed
+once, at the first forward, into a cross-attention cache of fixed length.
+
 Only the forward pass is captured. Token selection stays in eager PyTorch and mirrors
 transformers' own greedy and beam search step for step (its beam helpers are called directly), so
-this path gives exactly the captions `generate` gives; tests compare the two on tiny-random. What
-it does not mirror (sampling, encoder-decoder models, logits processors beyond the three below,
-prompts longer than the cache leaves room for) is reported by `unsupported_reason` and goes to
-`generate` instead.
+this path gives exactly the captions `generate` gives; tests compare the two on each family's tiny
+model. What it does not mirror (sampling, logits processors beyond the three below, prompts longer
+than the cache leaves room for) is reported by `unsupported_reason` and goes to `generate` instead.
 
 Like gpt-fast, the loop never asks the GPU whether it is done at every step: it looks every
 `check_every` steps, so the host can queue graph replays ahead of the device.
@@ -20,11 +24,12 @@ Like gpt-fast, the loop never asks the GPU whether it is done at every step: it 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,35 @@ _NEUTRAL: dict[str, Any] = {
 }
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+# "causal": a decoder-only language model (BLIP-2 OPT); "blip-text": BLIP's BERT-style text decoder
+# with cross-attention to the image; "seq2seq": an encoder-decoder's decoder (BLIP-2 Flan-T5).
+Family = Literal["causal", "blip-text", "seq2seq"]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeInputs:
+    """What decoding starts from, one row per image, prompts left-padded.
+
+    A decoder-only model starts from `embeds` (the image queries scattered into the prompt's
+    embeddings); a cross-attention decoder from token `ids`, attending to `encoder_states` under
+    `encoder_mask`. `mask` covers the prompt (`embeds` or `ids`).
+    """
+
+    mask: Any
+    embeds: Any = None
+    ids: Any = None
+    encoder_states: Any = None
+    encoder_mask: Any = None
+
+    def map(self, fn: Callable[[Any], Any]) -> DecodeInputs:
+        """The same inputs with `fn` applied to every tensor present (row padding, beam copies)."""
+        return DecodeInputs(
+            **{f.name: None if (t := getattr(self, f.name)) is None else fn(t) for f in dataclasses.fields(self)}
+        )
+
+    def rows(self, part: slice) -> DecodeInputs:
+        return self.map(lambda t: t[part])
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +129,7 @@ def unsupported_reason(config: Any) -> str | None:
 
 
 class StaticDecoder:
-    """Greedy and beam decoding of a decoder-only language model over a static cache.
+    """Greedy and beam decoding over a static cache, for the three decoder families above.
 
     One instance per loaded model; used from the inference thread only (one batch at a time),
     which is what lets every bucket's cache be a view of one shared allocation.
@@ -103,28 +137,46 @@ class StaticDecoder:
 
     def __init__(
         self,
-        language_model: Any,
+        model: Any,
         *,
+        family: Family = "causal",
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         max_cache_len: int,
+        encoder_len: int = 0,
         compiled: bool,
         check_every: int = 4,
     ) -> None:
+        """`model`: the module whose forward gives logits (OPT's or T5's LM, BLIP's text decoder).
+
+        `max_cache_len`: prompt tokens plus new tokens the self-attention cache holds;
+        `encoder_len`: encoder positions the cross-attention cache holds (shorter sources are padded).
+        """
         import torch
 
-        self.lm = language_model
+        self.lm = model
+        self.family: Family = family
         self.buckets = tuple(sorted(set(buckets)))
         self.max_cache_len = max_cache_len
+        self.encoder_len = encoder_len
         self.compiled = compiled
         self.check_every = max(1, check_every)
-        self.device = next(language_model.parameters()).device
-        self.dtype = next(language_model.parameters()).dtype
-        self._caches: dict[int, Any] = {}
-        self._shared: Any = None
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        config = model.config
+        if family == "seq2seq":
+            self._layers, self._heads, self._head_dim = config.num_decoder_layers, config.num_heads, config.d_kv
+            self._encoder_width = config.d_model
+        else:
+            heads = config.num_attention_heads
+            self._layers, self._heads = config.num_hidden_layers, heads
+            self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            self._encoder_width = getattr(config, "encoder_hidden_size", 0)
+        self._slots: dict[int, _Slot] = {}
+        self._shared: dict[str, Any] = {}
         self._shared_rows = 0
-        self._step_fn: Any = self._forward_step
+        self._step_fn: Any = self._forward
         # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this one takes.
-        params = inspect.signature(language_model.forward).parameters
+        params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         if compiled:
             # One graph per bucket (and per beam width): more than dynamo's default of 8.
@@ -133,7 +185,7 @@ class StaticDecoder:
                 if hasattr(dynamo, limit):
                     setattr(dynamo, limit, max(64, getattr(dynamo, limit)))
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-            self._step_fn = torch.compile(self._forward_step, mode=mode, fullgraph=True)
+            self._step_fn = torch.compile(self._forward, mode=mode, fullgraph=True)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -145,57 +197,50 @@ class StaticDecoder:
     def largest(self) -> int:
         return self.buckets[-1]
 
-    def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
-        return prompt_len + max_new_tokens <= self.max_cache_len
+    def fits(self, prompt_len: int, max_new_tokens: int, encoder_len: int = 0) -> bool:
+        return prompt_len + max_new_tokens <= self.max_cache_len and encoder_len <= self.encoder_len
 
     def generate(
         self,
-        inputs_embeds: Any,
-        attention_mask: Any,
+        inputs: DecodeInputs,
         *,
         rules: TokenRules,
         num_beams: int,
         max_new_tokens: int,
         min_new_tokens: int,
     ) -> Any:
-        """New token ids [batch, <= max_new_tokens] (finished rows filled with pad), as `generate` picks them.
-
-        `inputs_embeds` [batch, prompt, hidden] and `attention_mask` [batch, prompt] are the language
-        model's inputs (image query embeddings already scattered in), left-padded.
-        """
+        """New token ids [batch, <= max_new_tokens] (finished rows filled with pad), as `generate` picks them."""
         import torch
 
-        batch, prompt_len = attention_mask.shape
+        batch, prompt_len = inputs.mask.shape
+        source_len = 0 if inputs.encoder_states is None else inputs.encoder_states.shape[1]
         bucket = self.bucket_for(batch)
-        if bucket is None or not self.fits(prompt_len, max_new_tokens):
+        if bucket is None or not self.fits(prompt_len, max_new_tokens, source_len):
             raise ValueError(f"batch {batch} x {prompt_len} tokens does not fit the static decoder")
         if bucket > batch:  # pad with copies of the first row: valid inputs, results dropped
             extra = bucket - batch
-            inputs_embeds = torch.cat([inputs_embeds, inputs_embeds[:1].expand(extra, -1, -1)])
-            attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(extra, -1)])
+            inputs = inputs.map(lambda t: torch.cat([t, t[:1].expand(extra, *t.shape[1:])]))
         if num_beams > 1:
-            inputs_embeds = inputs_embeds.repeat_interleave(num_beams, dim=0)
-            attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
+            inputs = inputs.map(lambda t: t.repeat_interleave(num_beams, dim=0))
         rows = bucket * num_beams
-        cache = self._cache(rows)
-        cache.reset()
-        mask = torch.ones(rows, self.max_cache_len, dtype=attention_mask.dtype, device=self.device)
-        mask[:, :prompt_len] = attention_mask
-        positions = (attention_mask.long().cumsum(-1) * attention_mask - 1).clamp_min(0)
+        slot = self._slot(rows)
+        slot.cache.reset()
+        mask = torch.ones(rows, self.max_cache_len, dtype=inputs.mask.dtype, device=self.device)
+        mask[:, :prompt_len] = inputs.mask
+        positions = (inputs.mask.long().cumsum(-1) * inputs.mask - 1).clamp_min(0)
         with torch.inference_mode():
-            out = self.lm(
-                inputs_embeds=inputs_embeds,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kw: cache},
+            if slot.states is not None:  # the encoder side, copied where the captured step reads it
+                slot.states.zero_()
+                slot.states[:, :source_len] = inputs.encoder_states
+                slot.encoder_mask.zero_()
+                slot.encoder_mask[:, :source_len] = inputs.encoder_mask
+            logits = self._forward(
+                slot.cache, inputs.ids, positions, mask, slot.states, slot.encoder_mask, embeds=inputs.embeds
             )
-            logits = out.logits[:, -1, :].float()
-            del out
-            next_position = attention_mask.long().sum(-1, keepdim=True)  # where the first new token sits
+            logits = logits.float()
+            next_position = inputs.mask.long().sum(-1, keepdim=True)  # where the first new token sits
             tokens_buffer = torch.empty((rows, 1), dtype=torch.long, device=self.device)
-            state = _State(cache, mask, next_position, prompt_len, tokens_buffer)
+            state = _State(slot, mask, next_position, prompt_len, tokens_buffer)
             if num_beams > 1:
                 tokens = self._beam(state, logits, rules, bucket, num_beams, max_new_tokens, min_new_tokens)
             else:
@@ -204,17 +249,51 @@ class StaticDecoder:
 
     # -- the captured step ----------------------------------------------------------------
 
-    def _forward_step(self, cache: Any, tokens: Any, positions: Any, mask: Any) -> Any:
-        out = self.lm(
-            input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_kw: cache}
-        )
+    def _forward(
+        self,
+        cache: Any,
+        tokens: Any,
+        positions: Any,
+        mask: Any,
+        states: Any,
+        encoder_mask: Any,
+        *,
+        embeds: Any = None,
+    ) -> Any:
+        """Logits of the last position; the prompt's forward (`embeds` or prompt ids) fills the caches."""
+        cached = {self._cache_kw: cache, "use_cache": True}
+        if self.family == "seq2seq":
+            from transformers.modeling_outputs import BaseModelOutput
+
+            out = self.lm(
+                decoder_input_ids=tokens,
+                decoder_attention_mask=mask,
+                encoder_outputs=BaseModelOutput(last_hidden_state=states),
+                attention_mask=encoder_mask,
+                **cached,
+            )
+        elif self.family == "blip-text":
+            out = self.lm(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=positions,
+                encoder_hidden_states=states,
+                encoder_attention_mask=encoder_mask,
+                logits_to_keep=1,
+                **cached,
+            )
+        elif embeds is not None:
+            out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1, **cached)
+        else:
+            out = self.lm(input_ids=tokens, attention_mask=mask, position_ids=positions, **cached)
         return out.logits[:, -1, :]
 
     def _step(self, state: _State, tokens: Any, t: int) -> Any:
         positions = state.next_position + (t - 1)
         # Copied into one buffer: a strided view would fail the compiled graph's guards and recompile it.
         state.tokens.copy_(tokens.reshape(-1, 1))
-        logits = self._step_fn(state.cache, state.tokens, positions, state.mask)
+        slot = state.slot
+        logits = self._step_fn(slot.cache, state.tokens, positions, state.mask, slot.states, slot.encoder_mask)
         return logits.float()  # a new tensor: the graph's output buffer is reused by the next replay
 
     # -- token selection (mirrors transformers' greedy and beam search) ---------------------
@@ -358,43 +437,87 @@ class StaticDecoder:
     # -- caches ---------------------------------------------------------------------------
 
     def _reorder(self, state: _State, index: Any, filled: int) -> None:
-        """Beam reordering in place: the captured graph keeps pointing at the same cache memory."""
-        for layer in state.cache.layers:
+        """Beam reordering in place: the captured graph keeps pointing at the same cache memory.
+
+        Only self-attention: every beam of an image attends to the same encoder states.
+        """
+        for layer in state.slot.self_layers:
             for tensor in (layer.keys, layer.values):
                 part = tensor[:, :, :filled]
                 part.copy_(part.index_select(0, index))
 
-    def _cache(self, rows: int) -> Any:
-        """A StaticCache for `rows` rows whose tensors are views of one allocation for the largest."""
+    def _slot(self, rows: int) -> _Slot:
+        """The caches (and encoder buffers) for `rows` rows: views of one allocation for the largest."""
         import torch
-        from transformers import StaticCache
 
-        if rows in self._caches:
-            return self._caches[rows]
-        config = self.lm.config
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        if self._shared is None or rows > self._shared_rows:
-            self._shared_rows = max(rows, self._shared_rows)
-            shared = StaticCache(config=config, max_cache_len=self.max_cache_len)
-            shared.early_initialization(self._shared_rows, heads, head_dim, self.dtype, self.device)
-            self._shared = shared
-            self._caches.clear()
-        cache = StaticCache(config=config, max_cache_len=self.max_cache_len)
-        cache.early_initialization(1, heads, head_dim, self.dtype, self.device)
-        for mine, big in zip(cache.layers, self._shared.layers, strict=True):
-            mine.keys = big.keys[:rows]
-            mine.values = big.values[:rows]
-            mine.batch_size = rows
-            torch._dynamo.mark_static_address(mine.keys)
-            torch._dynamo.mark_static_address(mine.values)
-        self._caches[rows] = cache
+        if rows in self._slots:
+            return self._slots[rows]
+        cross = self.family != "causal"
+        if rows > self._shared_rows:
+            self._shared_rows = rows
+            self._slots.clear()
+            self._shared = {"self": self._allocate(rows, self.max_cache_len)}
+            if cross:
+                self._shared["cross"] = self._allocate(rows, self.encoder_len)
+                width = (rows, self.encoder_len)
+                self._shared["states"] = torch.zeros(*width, self._encoder_width, dtype=self.dtype, device=self.device)
+                self._shared["encoder_mask"] = torch.zeros(*width, dtype=torch.long, device=self.device)
+        own = self._view_cache(self._shared["self"], rows, self.max_cache_len)
+        if not cross:
+            slot = _Slot(own, own.layers, None, None)
+        else:
+            from transformers.cache_utils import EncoderDecoderCache
+
+            both = EncoderDecoderCache(own, self._view_cache(self._shared["cross"], rows, self.encoder_len))
+            states = self._shared["states"][:rows]
+            encoder_mask = self._shared["encoder_mask"][:rows]
+            torch._dynamo.mark_static_address(states)
+            torch._dynamo.mark_static_address(encoder_mask)
+            slot = _Slot(both, own.layers, states, encoder_mask)
+        self._slots[rows] = slot
+        return slot
+
+    def _allocate(self, rows: int, length: int) -> list[tuple[Any, Any]]:
+        import torch
+
+        shape = (rows, self._heads, length, self._head_dim)
+        return [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self._layers)
+        ]
+
+    def _view_cache(self, shared: list[tuple[Any, Any]], rows: int, length: int) -> Any:
+        """A cache of static layers whose tensors are the first `rows` rows of `shared`."""
+        import torch
+        from transformers.cache_utils import Cache, StaticLayer
+
+        cache = Cache(layers=[StaticLayer(max_cache_len=length) for _ in shared])
+        cache.early_initialization(1, self._heads, self._head_dim, self.dtype, self.device)
+        for layer, (keys, values) in zip(cache.layers, shared, strict=True):
+            layer.keys = keys[:rows]
+            layer.values = values[:rows]
+            layer.batch_size = rows
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
         return cache
 
 
 @dataclass(slots=True)
-class _State:
+class _Slot:
+    """One row count's caches: `cache` is what the model takes, `self_layers` what beams reorder."""
+
     cache: Any
+    self_layers: list[Any]
+    states: Any
+    encoder_mask: Any
+
+
+@dataclass(slots=True)
+class _State:
+    slot: _Slot
     mask: Any
     next_position: Any
     prompt_len: int
@@ -421,20 +544,33 @@ def compile_enabled(mode: str, device: Any) -> bool:
 def make_decoder(
     loaded: Any, *, mode: str, buckets: Sequence[int], batch_max_size: int, max_new_tokens: int
 ) -> StaticDecoder | None:
-    """The static decoder for this model and these settings, or None where `generate` decodes.
-
-    Decoder-only BLIP-2 language models (OPT) get one; encoder-decoder ones (Flan-T5) and BLIP's
-    text decoder keep `generate`, which the log says.
-    """
+    """The static decoder for this model and these settings, or None where `generate` decodes (COMPILE off)."""
     if not compile_enabled(mode, loaded.device):
         return None
-    config = loaded.model.config
-    if loaded.kind != "blip2" or config.is_encoder_decoder or config.text_config.is_encoder_decoder:
-        log.info("COMPILE: %s decodes through generate (the static decoder covers BLIP-2 OPT)", loaded.name)
-        return None
+    model = loaded.model
+    config = model.config
+    kept = effective_buckets(buckets, batch_max_size)
+    if loaded.kind == "blip":  # the text decoder attends to every patch of the image
+        vision = config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2 + 1
+        return StaticDecoder(
+            model.text_decoder,
+            family="blip-text",
+            buckets=kept,
+            max_cache_len=PROMPT_ROOM + max_new_tokens,
+            encoder_len=patches,
+            compiled=True,
+        )
+    queries = int(config.num_query_tokens)
+    if config.text_config.is_encoder_decoder:  # T5's decoder starts from one token; its encoder reads the prompt
+        return StaticDecoder(
+            model.language_model,
+            family="seq2seq",
+            buckets=kept,
+            max_cache_len=1 + max_new_tokens,
+            encoder_len=queries + PROMPT_ROOM,
+            compiled=True,
+        )
     return StaticDecoder(
-        loaded.model.language_model,
-        buckets=effective_buckets(buckets, batch_max_size),
-        max_cache_len=int(config.num_query_tokens) + PROMPT_ROOM + max_new_tokens,
-        compiled=True,
+        model.language_model, buckets=kept, max_cache_len=queries + PROMPT_ROOM + max_new_tokens, compiled=True
     )
