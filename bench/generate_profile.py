@@ -48,7 +48,11 @@ def timed(fn: Callable[[], Any], repeats: int = 2) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny-random", "full-random", "tiny-random-blip", "blip-large-random"], default="tiny-random")
+    parser.add_argument(
+        "--model",
+        choices=["tiny-random", "full-random", "tiny-random-blip", "blip-large-random"],
+        default="tiny-random",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", default="float16,float32", help="comma-separated dtypes to build and time")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")

@@ -39,6 +39,14 @@ class Captioner:
         self.pixels = PixelPrep(self._image_processor, loaded.device, loaded.dtype)
         self._is_encoder_decoder = loaded.kind == "blip2" and bool(loaded.model.config.text_config.is_encoder_decoder)
         self._is_decoder_only = loaded.kind == "blip2" and not self._is_encoder_decoder
+        # With the compiled decoder, the image side (vision tower, Q-Former) is recorded per bucket too:
+        # eager, it launches ~600 kernels for BLIP-2 (bench/launch_count.py), about as many as a decode step.
+        self._encode_fn: Any = self._encode_images
+        if decoder is not None and decoder.compiled:
+            import torch
+
+            mode = "reduce-overhead" if loaded.device.type == "cuda" else "default"
+            self._encode_fn = torch.compile(self._encode_images, mode=mode, fullgraph=True)
         self._generation_config = loaded.model.generation_config
         self._image_token_ids: list[int] = []
         if loaded.kind == "blip2":
@@ -163,30 +171,47 @@ class Captioner:
 
     def _generate_static(self, inputs: dict[str, Any], config: Any, first: GenerationSettings) -> Any:
         """Token ids from the static decoder, as `generate` returns them for this family, or None
-        when the prompt leaves it no room (then `generate` decodes)."""
+        when the prompt leaves it no room (then `generate` decodes).
+
+        Each chunk of at most the largest bucket is padded up to its bucket (copies of its first
+        row) before the image is encoded, so every stage runs at a shape recorded at warm-up.
+        """
         import torch
 
         decoder = self.decoder
         assert decoder is not None
+        rules = self._token_rules(config)
+        total = inputs["pixel_values"].shape[0]
+        outputs = []
+        prompts = []
         with torch.inference_mode(), attention_kernels(self.loaded.device):
-            start = self._decode_inputs(inputs)
-            source_len = 0 if start.encoder_states is None else start.encoder_states.shape[1]
-            if not decoder.fits(start.mask.shape[1], first.max_new_tokens, source_len):
-                return None
-            rules = self._token_rules(config)
-            outputs = []
-            for first_row in range(0, start.mask.shape[0], decoder.largest):
+            for first_row in range(0, total, decoder.largest):
+                rows = min(decoder.largest, total - first_row)
+                bucket = decoder.bucket_for(rows) or rows
+                chunk = {key: _pad_rows(value[first_row : first_row + rows], bucket) for key, value in inputs.items()}
+                start = self._decode_inputs(chunk)
+                source_len = 0 if start.encoder_states is None else start.encoder_states.shape[1]
+                if not decoder.fits(start.mask.shape[1], first.max_new_tokens, source_len):
+                    return None
                 tokens = decoder.generate(
-                    start.rows(slice(first_row, first_row + decoder.largest)),
+                    start,
                     rules=rules,
                     num_beams=first.num_beams,
                     max_new_tokens=first.max_new_tokens,
                     min_new_tokens=first.min_new_tokens,
                 )
-                outputs.extend(tokens.unbind(0))
+                outputs.extend(tokens[:rows].unbind(0))
+                if start.ids is not None:
+                    prompts.append(start.ids[:rows])
         new = torch.nn.utils.rnn.pad_sequence(outputs, batch_first=True, padding_value=rules.pad)
         # BLIP's generate returns its prompt (BOS first) before the new tokens; the caller strips it.
-        return torch.cat([start.ids, new], dim=1) if self.loaded.kind == "blip" else new
+        return torch.cat([torch.cat(prompts), new], dim=1) if self.loaded.kind == "blip" else new
+
+    def _encode_images(self, pixel_values: Any) -> Any:
+        """The image as the language side reads it: BLIP's patch embeddings, BLIP-2's projected queries."""
+        if self.loaded.kind == "blip":
+            return self._model.vision_model(pixel_values=pixel_values)[0]
+        return self._model.get_image_features(pixel_values=pixel_values).pooler_output
 
     def _decode_inputs(self, inputs: dict[str, Any]) -> DecodeInputs:
         """What the language model starts from, computed as the model's own `generate` does."""
@@ -196,8 +221,8 @@ class Captioner:
         pixel_values = inputs["pixel_values"]
         batch = pixel_values.shape[0]
         device = pixel_values.device
+        image = self._encode_fn(pixel_values).clone()  # a copy: the next replay overwrites a graph's output
         if self.loaded.kind == "blip":
-            image = model.vision_model(pixel_values=pixel_values)[0]
             image_mask = torch.ones(image.shape[:2], dtype=torch.long, device=device)
             text = model.config.text_config
             if "input_ids" in inputs:  # [CLS] prompt [SEP] -> [BOS] prompt
@@ -215,10 +240,9 @@ class Captioner:
         mask = inputs.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(input_ids)
-        features = model.get_image_features(pixel_values=pixel_values).pooler_output
         embeds = model.get_input_embeddings()(input_ids)
         image_slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))
+        embeds = embeds.masked_scatter(image_slots, image.to(embeds.dtype))
         if not self._is_encoder_decoder:
             return DecodeInputs(mask=mask, embeds=embeds)
         encoded = model.language_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
@@ -248,6 +272,7 @@ class Captioner:
         height, width = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
         # A few tokens are enough: the captured step does not depend on how many follow.
         short = dataclasses.replace(settings, prompt=None, num_captions=1, max_new_tokens=4, min_new_tokens=4)
+        decoder.prefill_len = self._unprompted_len()
         for bucket in reversed(decoder.buckets):
             pixels = [self.preprocess(Image.new("RGB", (width, height)))] * bucket
             started = time.perf_counter()
@@ -255,6 +280,12 @@ class Captioner:
                 self._generate(pixels, [short] * bucket)
             log.info("decode bucket %d warmed in %.1fs", bucket, time.perf_counter() - started)
         return len(decoder.buckets)
+
+    def _unprompted_len(self) -> int:
+        """The decoder's prompt length for a caption without a prompt: the one warmed and recorded."""
+        if self.loaded.kind == "blip" or self._is_encoder_decoder:
+            return 1  # BLIP: [BOS]; T5's decoder: its start token (the prompt goes to the encoder)
+        return len(self._image_token_ids) + 1
 
     def _encode_prompts(self, prompts: list[str], device: Any) -> dict[str, Any]:
         """Tokenise prompts the way `Blip2Processor` does: query-token placeholders, then left-padded text."""
@@ -272,6 +303,14 @@ class Captioner:
             input_ids = torch.cat([image_ids, input_ids], dim=1)
             attention = torch.cat([torch.ones(len(prompts), n, dtype=attention.dtype), attention], dim=1)
         return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+
+
+def _pad_rows(tensor: Any, rows: int) -> Any:
+    """`tensor` with copies of its first row appended up to `rows` rows (valid inputs, results dropped)."""
+    import torch
+
+    extra = rows - tensor.shape[0]
+    return tensor if extra <= 0 else torch.cat([tensor, tensor[:1].expand(extra, *tensor.shape[1:])])
 
 
 def attention_kernels(device: Any) -> AbstractContextManager[Any]:

@@ -144,12 +144,15 @@ class StaticDecoder:
         max_cache_len: int,
         encoder_len: int = 0,
         compiled: bool,
+        capture_prefill: bool = True,
         check_every: int = 4,
     ) -> None:
         """`model`: the module whose forward gives logits (OPT's or T5's LM, BLIP's text decoder).
 
         `max_cache_len`: prompt tokens plus new tokens the self-attention cache holds;
-        `encoder_len`: encoder positions the cross-attention cache holds (shorter sources are padded).
+        `encoder_len`: encoder positions the cross-attention cache holds (shorter sources are padded);
+        `capture_prefill`: the prompt's forward is compiled too, for the prompt length warmed first
+        (the unprompted caption's); other lengths run it eagerly rather than record a graph each.
         """
         import torch
 
@@ -159,6 +162,8 @@ class StaticDecoder:
         self.max_cache_len = max_cache_len
         self.encoder_len = encoder_len
         self.compiled = compiled
+        self.capture_prefill = compiled and capture_prefill
+        self.prefill_len: int | None = None  # the prompt length whose prefill is compiled
         self.check_every = max(1, check_every)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -234,13 +239,14 @@ class StaticDecoder:
                 slot.states[:, :source_len] = inputs.encoder_states
                 slot.encoder_mask.zero_()
                 slot.encoder_mask[:, :source_len] = inputs.encoder_mask
-            logits = self._forward(
+            prefill = self._step_fn if self.capture_prefill and prompt_len == self.prefill_len else self._forward
+            logits = prefill(
                 slot.cache, inputs.ids, positions, mask, slot.states, slot.encoder_mask, embeds=inputs.embeds
             )
-            logits = logits.float()
+            logits = logits.float()  # a copy: a captured graph's output is overwritten by its next replay
             next_position = inputs.mask.long().sum(-1, keepdim=True)  # where the first new token sits
             tokens_buffer = torch.empty((rows, 1), dtype=torch.long, device=self.device)
-            state = _State(slot, mask, next_position, prompt_len, tokens_buffer)
+            state = _State(slot, mask, next_position, tokens_buffer)
             if num_beams > 1:
                 tokens = self._beam(state, logits, rules, bucket, num_beams, max_new_tokens, min_new_tokens)
             else:
@@ -257,10 +263,21 @@ class StaticDecoder:
         mask: Any,
         states: Any,
         encoder_mask: Any,
+        beams: Any = None,
         *,
         embeds: Any = None,
     ) -> Any:
-        """Logits of the last position; the prompt's forward (`embeds` or prompt ids) fills the caches."""
+        """Logits of the last position; the prompt's forward (`embeds` or prompt ids) fills the caches.
+
+        `beams`: the rows each row continues (beam search), applied to the self-attention cache
+        first, inside the captured graph: done eagerly it cost two launches per layer and step.
+        The whole length is reordered (a fixed shape); positions not yet written are masked.
+        """
+        if beams is not None:
+            layers = cache.layers if self.family == "causal" else cache.self_attention_cache.layers
+            for layer in layers:
+                layer.keys.copy_(layer.keys.index_select(0, beams))
+                layer.values.copy_(layer.values.index_select(0, beams))
         cached = {self._cache_kw: cache, "use_cache": True}
         if self.family == "seq2seq":
             from transformers.modeling_outputs import BaseModelOutput
@@ -288,12 +305,12 @@ class StaticDecoder:
             out = self.lm(input_ids=tokens, attention_mask=mask, position_ids=positions, **cached)
         return out.logits[:, -1, :]
 
-    def _step(self, state: _State, tokens: Any, t: int) -> Any:
+    def _step(self, state: _State, tokens: Any, t: int, beams: Any = None) -> Any:
         positions = state.next_position + (t - 1)
         # Copied into one buffer: a strided view would fail the compiled graph's guards and recompile it.
         state.tokens.copy_(tokens.reshape(-1, 1))
         slot = state.slot
-        logits = self._step_fn(slot.cache, state.tokens, positions, state.mask, slot.states, slot.encoder_mask)
+        logits = self._step_fn(slot.cache, state.tokens, positions, state.mask, slot.states, slot.encoder_mask, beams)
         return logits.float()  # a new tensor: the graph's output buffer is reused by the next replay
 
     # -- token selection (mirrors transformers' greedy and beam search) ---------------------
@@ -364,9 +381,10 @@ class StaticDecoder:
         hits = torch.zeros((batch, num_beams), dtype=torch.bool, device=device)
         running_idx = torch.full((batch, num_beams, max_new), -1, dtype=torch.int32, device=device)
         beam_indices = running_idx.clone()
+        reorder = None
         for t in range(max_new):
             if t > 0:
-                logits = self._step(state, running[:, :, t - 1].reshape(-1), t)
+                logits = self._step(state, running[:, :, t - 1].reshape(-1), t, reorder)
             log_probs = torch.nn.functional.log_softmax(logits, dim=-1) + biases[min(t, len(biases) - 1)]
             log_probs = log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]
             log_probs = log_probs.reshape(batch, -1)
@@ -413,7 +431,7 @@ class StaticDecoder:
             )
             if t + 1 >= max_new:
                 break
-            self._reorder(state, running_idx[..., t].reshape(-1).long(), state.prompt_len + t + 1)
+            reorder = running_idx[..., t].reshape(-1).long()  # applied by the next step, in its graph
             unsatisfied = G._check_early_stop_heuristic(
                 is_early_stop_heuristic_unsatisfied=unsatisfied,
                 running_beam_scores=running_scores,
@@ -436,16 +454,6 @@ class StaticDecoder:
 
     # -- caches ---------------------------------------------------------------------------
 
-    def _reorder(self, state: _State, index: Any, filled: int) -> None:
-        """Beam reordering in place: the captured graph keeps pointing at the same cache memory.
-
-        Only self-attention: every beam of an image attends to the same encoder states.
-        """
-        for layer in state.slot.self_layers:
-            for tensor in (layer.keys, layer.values):
-                part = tensor[:, :, :filled]
-                part.copy_(part.index_select(0, index))
-
     def _slot(self, rows: int) -> _Slot:
         """The caches (and encoder buffers) for `rows` rows: views of one allocation for the largest."""
         import torch
@@ -464,7 +472,7 @@ class StaticDecoder:
                 self._shared["encoder_mask"] = torch.zeros(*width, dtype=torch.long, device=self.device)
         own = self._view_cache(self._shared["self"], rows, self.max_cache_len)
         if not cross:
-            slot = _Slot(own, own.layers, None, None)
+            slot = _Slot(own, None, None)
         else:
             from transformers.cache_utils import EncoderDecoderCache
 
@@ -473,7 +481,7 @@ class StaticDecoder:
             encoder_mask = self._shared["encoder_mask"][:rows]
             torch._dynamo.mark_static_address(states)
             torch._dynamo.mark_static_address(encoder_mask)
-            slot = _Slot(both, own.layers, states, encoder_mask)
+            slot = _Slot(both, states, encoder_mask)
         self._slots[rows] = slot
         return slot
 
@@ -507,10 +515,9 @@ class StaticDecoder:
 
 @dataclass(slots=True)
 class _Slot:
-    """One row count's caches: `cache` is what the model takes, `self_layers` what beams reorder."""
+    """One row count's cache, and the encoder buffers the captured step reads (cross-attention)."""
 
     cache: Any
-    self_layers: list[Any]
     states: Any
     encoder_mask: Any
 
@@ -520,7 +527,6 @@ class _State:
     slot: _Slot
     mask: Any
     next_position: Any
-    prompt_len: int
     tokens: Any
 
 
