@@ -204,6 +204,35 @@ def test_compiled_step_traces_whole_and_gives_the_same_captions(plain: Captioner
     assert captioner.caption_batch(pixels, settings) == plain.caption_batch(pixels, settings)
 
 
+def test_compiled_graphs_run_on_one_thread_whoever_calls(
+    tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA graph trees are thread-local: warmed on the loader thread and replayed on the inference
+    thread, every graph would be recorded twice. Every compiled call runs on the captioner's thread."""
+    decoder = make_decoder(tiny_model, mode="on", buckets=(1, 2), batch_max_size=2, max_new_tokens=4)
+    assert decoder is not None
+    captioner = Captioner(tiny_model, decoder=decoder)
+    captioner._encode_fn, decoder._step_fn = captioner._encode_images, decoder._forward  # thread, not compile
+    threads: list[int] = []
+    original = decoder.generate
+    monkeypatch.setattr(decoder, "generate", lambda *a, **k: threads.append(threading.get_ident()) or original(*a, **k))
+    loader = threading.Thread(target=captioner.warm_up, args=(GenerationSettings(num_beams=1, max_new_tokens=4),))
+    loader.start()
+    loader.join()
+    pixels = _pixels(captioner, 2, start=200)
+    settings = [GenerationSettings(num_beams=1, max_new_tokens=4)] * 2
+    captioner.caption_batch(pixels, settings)
+    other = threading.Thread(target=captioner.caption_batch, args=(pixels, settings))
+    other.start()
+    other.join()
+    assert len(threads) == 2 * 3 + 2  # 2 buckets x 3 warm-up runs, then two batches
+    assert len(set(threads)) == 1 and threads[0] not in (threading.get_ident(), loader.ident, other.ident)
+    # Dynamo's recompile limit is per thread: raised where the graphs are compiled.
+    import torch
+
+    assert captioner._on_owner(lambda: torch._dynamo.config.recompile_limit) >= 64
+
+
 async def test_health_says_warming_until_every_bucket_is_ready(
     aiohttp_client: Callable[..., Any], settings_factory: Callable[..., Any], tiny_model: LoadedModel
 ) -> None:

@@ -13,18 +13,21 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
 from ..domain import BadInput, GenerationSettings
 from .loading import LoadedModel
 from .pixels import PixelPrep
-from .static_decode import DecodeInputs, StaticDecoder, TokenRules, unsupported_reason
+from .static_decode import DecodeInputs, StaticDecoder, TokenRules, allow_recompiles, unsupported_reason
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Captioner:
@@ -42,11 +45,17 @@ class Captioner:
         # With the compiled decoder, the image side (vision tower, Q-Former) is recorded per bucket too:
         # eager, it launches ~600 kernels for BLIP-2 (bench/launch_count.py), about as many as a decode step.
         self._encode_fn: Any = self._encode_images
+        # torch.compile's CUDA graphs belong to the thread that recorded them (its graph trees are
+        # thread-local): warmed on the loader thread, they would be recorded again, in a second
+        # memory pool, by the first requests on the inference thread. Dynamo's settings are per
+        # thread too. One thread compiles and runs them all.
+        self._owner: ThreadPoolExecutor | None = None
         if decoder is not None and decoder.compiled:
             import torch
 
             mode = "reduce-overhead" if loaded.device.type == "cuda" else "default"
             self._encode_fn = torch.compile(self._encode_images, mode=mode, fullgraph=True)
+            self._owner = ThreadPoolExecutor(1, thread_name_prefix="decode", initializer=allow_recompiles)
         self._generation_config = loaded.model.generation_config
         self._image_token_ids: list[int] = []
         if loaded.kind == "blip2":
@@ -98,6 +107,15 @@ class Captioner:
         out-of-memory error a group is split in halves and retried, so a large
         batch degrades to smaller ones instead of failing every request in it.
         """
+        return self._on_owner(self._caption_batch, pixels, settings)
+
+    def _on_owner(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the thread that owns the compiled graphs (directly when there is none)."""
+        if self._owner is None:
+            return fn(*args)
+        return self._owner.submit(fn, *args).result()
+
+    def _caption_batch(self, pixels: Sequence[Any], settings: Sequence[GenerationSettings]) -> list[list[str]]:
         groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for index, item in enumerate(settings):
             groups[self._group_key(item)].append(index)
@@ -265,6 +283,9 @@ class Captioner:
         Returns how many buckets were warmed (0 without a static decoder).
         """
 
+        return self._on_owner(self._warm_up, settings)
+
+    def _warm_up(self, settings: GenerationSettings) -> int:
         decoder = self.decoder
         if decoder is None:
             return 0

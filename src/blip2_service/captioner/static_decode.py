@@ -184,11 +184,6 @@ class StaticDecoder:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         if compiled:
-            # One graph per bucket (and per beam width): more than dynamo's default of 8.
-            dynamo = torch._dynamo.config
-            for limit in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
-                if hasattr(dynamo, limit):
-                    setattr(dynamo, limit, max(64, getattr(dynamo, limit)))
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             self._step_fn = torch.compile(self._forward, mode=mode, fullgraph=True)
 
@@ -540,6 +535,19 @@ def effective_buckets(buckets: Sequence[int], batch_max_size: int) -> tuple[int,
     kept = [b for b in ordered if b < batch_max_size]
     kept.append(next((b for b in ordered if b >= batch_max_size), batch_max_size))
     return tuple(kept)
+
+
+def allow_recompiles() -> None:
+    """Let dynamo record one graph per bucket, beam width and stage: more than its default of 8.
+
+    Dynamo's settings are per thread (torch 2.13): this must run on the thread that compiles.
+    """
+    import torch
+
+    dynamo = torch._dynamo.config
+    for limit in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+        if hasattr(dynamo, limit):
+            setattr(dynamo, limit, max(64, getattr(dynamo, limit)))
 
 
 def compile_enabled(mode: str, device: Any) -> bool:
