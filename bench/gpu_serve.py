@@ -137,6 +137,9 @@ async def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float)
                 async with session.get(url + "/health") as resp:
                     if resp.status == 200:
                         return
+                    body = await resp.json(content_type=None)
+                    if body.get("model_status") == "failed":
+                        raise RuntimeError(f"the server's model failed: {body.get('error')}")
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.25)

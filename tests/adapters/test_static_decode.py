@@ -179,6 +179,25 @@ def test_generation_configs_the_loop_cannot_mirror_are_named(tiny_model: LoadedM
     assert "repetition_penalty" in (unsupported_reason(config2) or "")
 
 
+def test_compile_on_a_cpu_with_prepacked_bf16_layers_decodes_through_generate(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """oneDNN-packed weights are opaque to torch.compile: COMPILE=on there once failed the model load."""
+    from blip2_service.captioner.cpu_prepack import has_prepacked_layers
+    from blip2_service.captioner.loading import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bfloat16 (no AMX or AVX512-BF16): its layers are never prepacked")
+    loaded = load_model("tiny-random-blip", data_dir=data_dir, dtype="bfloat16", device="cpu")
+    assert has_prepacked_layers(loaded.model)
+    with caplog.at_level("WARNING"):
+        decoder = make_decoder(loaded, mode="on", buckets=(1, 2), batch_max_size=2, max_new_tokens=8)
+    assert decoder is None
+    assert "prepacked" in caplog.text and "DTYPE=float32" in caplog.text
+    captioner = Captioner(loaded, decoder=decoder)
+    assert captioner.caption_batch(_pixels(captioner, 1), [GenerationSettings(num_beams=1, max_new_tokens=4)])[0][0]
+
+
 def test_buckets_stop_at_the_first_that_holds_a_full_batch() -> None:
     assert effective_buckets([1, 2, 4, 8, 16, 32, 64], 16) == (1, 2, 4, 8, 16)
     assert effective_buckets([1, 2, 4, 8, 16, 32, 64], 12) == (1, 2, 4, 8, 16)

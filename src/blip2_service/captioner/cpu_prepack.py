@@ -37,7 +37,13 @@ def _prepacked_linear_class() -> Any:
         def extra_repr(self) -> str:
             return f"in_features={self.in_features}, out_features={self.out_features}, prepacked bf16"
 
+    PrepackedLinear.prepacked = True
     return PrepackedLinear
+
+
+def has_prepacked_layers(model: Any) -> bool:
+    """True when some layer holds oneDNN-packed weights: opaque tensors torch.compile cannot trace."""
+    return any(getattr(module, "prepacked", False) for module in model.modules())
 
 
 def mkldnn_bf16_supported() -> bool:

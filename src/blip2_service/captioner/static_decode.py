@@ -562,6 +562,15 @@ def make_decoder(
     if not compile_enabled(mode, loaded.device):
         return None
     model = loaded.model
+    from .cpu_prepack import has_prepacked_layers
+
+    if has_prepacked_layers(model):
+        log.warning(
+            "COMPILE=%s: this CPU's bfloat16 layers are prepacked for oneDNN, which torch.compile cannot "
+            "trace; decoding through generate (DTYPE=float32 compiles)",
+            mode,
+        )
+        return None
     config = model.config
     kept = effective_buckets(buckets, batch_max_size)
     if loaded.kind == "blip":  # the text decoder attends to every patch of the image
