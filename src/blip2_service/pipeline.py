@@ -40,6 +40,7 @@ from .emoji.mapper import EmojiMapper
 from .imaging import DecodedImage, decode_image, make_thumbnail, sha256_of
 from .metrics import Metrics
 from .store.repository import CaptionRepository, ImageInfo, NewCaption, Sighting
+from .store.rows import CaptionItem
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +389,7 @@ class CaptionPipeline:
         self._observe(request, result, started)
         return result
 
-    def _from_item(self, item: dict[str, Any], started: float, *, cached: bool) -> CaptionResult:
+    def _from_item(self, item: CaptionItem, started: float, *, cached: bool) -> CaptionResult:
         """A result from a stored row: the first caption keeps the emojis stored with it."""
         texts = item["texts"] or [item["text"]]
         stored = tuple(EmojiMapping(m["emoji"], m["word"]) for m in item["emoji_mappings"])

@@ -11,11 +11,15 @@ from .repository import (
     decode_cursor,
     encode_cursor,
 )
+from .rows import CaptionItem, ImageDetail, Location
 
 __all__ = [
     "CaptionFilter",
+    "CaptionItem",
     "CaptionRepository",
+    "ImageDetail",
     "ImageInfo",
+    "Location",
     "NewCaption",
     "Sighting",
     "decode_cursor",

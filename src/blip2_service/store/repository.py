@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..domain import GenerationSettings, TransientError
 from ..retry import STORE, Backoff
+from .rows import CaptionItem, ImageDetail
 from .tables import captions, images, sightings
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class CaptionRepository:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def save(self, new: NewCaption, *, replace: bool = False) -> tuple[dict[str, Any], bool]:
+    def save(self, new: NewCaption, *, replace: bool = False) -> tuple[CaptionItem, bool]:
         """Store a caption (or return the one already there) and record the sighting, atomically.
 
         Returns the stored item and whether this call created it. A stored
@@ -173,7 +174,7 @@ class CaptionRepository:
         """
         return self._retrying("save", lambda: self._save(new, replace))
 
-    def _save(self, new: NewCaption, replace: bool) -> tuple[dict[str, Any], bool]:
+    def _save(self, new: NewCaption, replace: bool) -> tuple[CaptionItem, bool]:
         now = _now()
         key = new.settings.key()
         values = {
@@ -292,8 +293,8 @@ class CaptionRepository:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def find_caption(self, sha: str, model: str, settings: GenerationSettings) -> dict[str, Any] | None:
-        def run() -> dict[str, Any] | None:
+    def find_caption(self, sha: str, model: str, settings: GenerationSettings) -> CaptionItem | None:
+        def run() -> CaptionItem | None:
             with self.engine.connect() as conn:
                 row = conn.execute(
                     select(captions).where(
@@ -330,24 +331,24 @@ class CaptionRepository:
 
         return self._retrying("known files", run)
 
-    def get(self, caption_id: int) -> dict[str, Any] | None:
-        def run() -> dict[str, Any] | None:
+    def get(self, caption_id: int) -> CaptionItem | None:
+        def run() -> CaptionItem | None:
             with self.engine.connect() as conn:
                 return self._get(conn, caption_id)
 
         return self._retrying("get caption", run)
 
-    def _get(self, conn: Connection, caption_id: int) -> dict[str, Any] | None:
+    def _get(self, conn: Connection, caption_id: int) -> CaptionItem | None:
         row = conn.execute(select(captions).where(captions.c.id == caption_id)).first()
         return _item(row._mapping) if row is not None else None
 
     def query(
         self, filters: CaptionFilter, *, limit: int = 50, cursor: str | None = None
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    ) -> tuple[list[CaptionItem], str | None]:
         """Newest first, keyset-paginated on id: inserts during paging never shift a page."""
         after = decode_cursor(cursor) if cursor else None
 
-        def run() -> tuple[list[dict[str, Any]], str | None]:
+        def run() -> tuple[list[CaptionItem], str | None]:
             query = select(captions).order_by(captions.c.id.desc()).limit(limit + 1)
             conditions = self._conditions(filters)
             if after is not None:
@@ -437,8 +438,8 @@ class CaptionRepository:
         # SQLite keeps DateTime as text without an offset: compare in naive UTC.
         return value.replace(tzinfo=None) if self.dialect == "sqlite" else value
 
-    def image(self, sha: str) -> dict[str, Any] | None:
-        def run() -> dict[str, Any] | None:
+    def image(self, sha: str) -> ImageDetail | None:
+        def run() -> ImageDetail | None:
             with self.engine.connect() as conn:
                 img = conn.execute(
                     select(
@@ -499,7 +500,7 @@ def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _item(row: Any) -> dict[str, Any]:
+def _item(row: Any) -> CaptionItem:
     return {
         "id": int(row["id"]),
         "image_sha256": row["image_sha256"],
@@ -509,7 +510,7 @@ def _item(row: Any) -> dict[str, Any]:
         "text": row["text"],
         "texts": list(row["texts"] or []),
         "emoji_mappings": list(row["emoji_mappings"] or []),
-        "status": row["status"],
+        "status": "succeeded" if row["status"] == "succeeded" else "failed",  # the only two it stores
         "error": row["error"],
         "processing_time": row["processing_time"],
         "settings": dict(row["settings"] or {}),
