@@ -159,16 +159,21 @@ def test_cross_attention_decoder_is_used(
 
 @pytest.mark.parametrize("name", ["tiny-random-t5", "tiny-random-blip"])
 def test_cross_attention_step_compiles_whole(name: str, data_dir: Path) -> None:
-    """fullgraph=True on the CPU's inductor: a graph break in T5's or BLIP's step would raise here."""
+    """fullgraph=True on the CPU's inductor: a graph break in T5's or BLIP's step (or in the image
+    encoder, or T5's text encoder, recorded for the unprompted caption) would raise here."""
     loaded = load_model(name, data_dir=data_dir, dtype="float32", device="cpu")
     decoder = make_decoder(loaded, mode="on", buckets=(1, 2), batch_max_size=2, max_new_tokens=8)
     captioner = Captioner(loaded, decoder=decoder)
+    recorded_text_encodes: list[int] = []
+    compiled_text_encode = captioner._text_encode_fn
+    captioner._text_encode_fn = lambda *a: recorded_text_encodes.append(1) or compiled_text_encode(*a)
     assert captioner.warm_up(GenerationSettings(num_beams=1, max_new_tokens=8)) == 2
     plain = Captioner(loaded)
     pixels = _pixels(plain, 3, start=190)
     for beams in (1, 2):
         settings = [GenerationSettings(num_beams=beams, max_new_tokens=8)] * 3
         assert captioner.caption_batch(pixels, settings) == plain.caption_batch(pixels, settings)
+    assert len(recorded_text_encodes) == (3 * 2 + 2 * 2 if name == "tiny-random-t5" else 0)
 
 
 def test_generation_configs_the_loop_cannot_mirror_are_named(tiny_model: LoadedModel) -> None:

@@ -45,6 +45,7 @@ class Captioner:
         # With the compiled decoder, the image side (vision tower, Q-Former) is recorded per bucket too:
         # eager, it launches ~600 kernels for BLIP-2 (bench/launch_count.py), about as many as a decode step.
         self._encode_fn: Any = self._encode_images
+        self._text_encode_fn: Any = self._encode_text
         # torch.compile's CUDA graphs belong to the thread that recorded them (its graph trees are
         # thread-local): warmed on the loader thread, they would be recorded again, in a second
         # memory pool, by the first requests on the inference thread. Dynamo's settings are per
@@ -55,11 +56,14 @@ class Captioner:
 
             mode = "reduce-overhead" if loaded.device.type == "cuda" else "default"
             self._encode_fn = torch.compile(self._encode_images, mode=mode, fullgraph=True)
+            self._text_encode_fn = torch.compile(self._encode_text, mode=mode, fullgraph=True)
             self._owner = ThreadPoolExecutor(1, thread_name_prefix="decode", initializer=allow_recompiles)
         self._generation_config = loaded.model.generation_config
         self._image_token_ids: list[int] = []
         if loaded.kind == "blip2":
             self._image_token_ids = [loaded.model.config.image_token_index] * int(loaded.model.config.num_query_tokens)
+        # An encoder-decoder's encoder reads the image queries and the tokenised prompt ("" -> </s>).
+        self._unprompted_source_len = len(self._image_token_ids) + len(self._tokenizer("")["input_ids"])
         text_config = loaded.model.config.text_config
         # Learned absolute positions bound the sequence; T5's relative ones do not.
         self._position_limit: int | None = (
@@ -231,6 +235,10 @@ class Captioner:
             return self._model.vision_model(pixel_values=pixel_values)[0]
         return self._model.get_image_features(pixel_values=pixel_values).pooler_output
 
+    def _encode_text(self, embeds: Any, mask: Any) -> Any:
+        """An encoder-decoder's encoder output over the image queries and the prompt (Flan-T5)."""
+        return self._model.language_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+
     def _decode_inputs(self, inputs: dict[str, Any]) -> DecodeInputs:
         """What the language model starts from, computed as the model's own `generate` does."""
         import torch
@@ -263,7 +271,10 @@ class Captioner:
         embeds = embeds.masked_scatter(image_slots, image.to(embeds.dtype))
         if not self._is_encoder_decoder:
             return DecodeInputs(mask=mask, embeds=embeds)
-        encoded = model.language_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        # T5's encoder is recorded for the unprompted caption's length; prompts of other lengths run
+        # it eagerly rather than record a graph each.
+        recorded = self.decoder is not None and embeds.shape[1] == self._unprompted_source_len
+        encoded = (self._text_encode_fn if recorded else self._encode_text)(embeds, mask).clone()
         start = model.language_model.generation_config.decoder_start_token_id
         if start is None:
             start = self._generation_config.decoder_start_token_id
