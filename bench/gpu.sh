@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU figures in two device calls (each under 10 minutes: `gpu.sh check profile profile-blip`,
-# then `gpu.sh serve blip`), full-random BLIP-2 OPT-2.7b
-# (published shapes, random weights, no download), float16, 20 tokens. Default steps:
+# GPU figures in two device calls, each under 10 minutes, the targets first: `gpu.sh check serve blip`
+# (about 9 minutes at most), then `gpu.sh profile profile-blip` if device time is left.
+# full-random BLIP-2 OPT-2.7b (published shapes, random weights, no download), float16, 20 tokens. Steps:
 #   check    the compiled static decode gives generate's captions on this GPU (OPT, T5, BLIP tiny, fp32)
 #   profile  the decode step before/after: generate vs the compiled static-cache decode (batch 1/16/64)
 #   profile-blip  the same for blip-large-random (batch 1/16)
@@ -43,10 +43,10 @@ run() {  # run NAME SECONDS SCRIPT ARGS...
   echo "=== $name exit ${PIPESTATUS[0]}"
 }
 
-STEPS=${*:-check profile profile-blip serve blip}  # or name some: bench/gpu.sh serve
+STEPS=${*:-check serve blip profile profile-blip}  # or name some: bench/gpu.sh serve
 for s in $STEPS; do
   case $s in
-    check) run check 150 bench/gpu_check.py --device cuda ;;
+    check) run check 120 bench/gpu_check.py --device cuda ;;
     profile) run profile 120 bench/generate_profile.py --model full-random --device cuda --dtypes float16 \
       --batches 1,16,64 --compile --profile-rows 0 ;;
     profile-blip) run profile-blip 100 bench/generate_profile.py --model blip-large-random --device cuda \
