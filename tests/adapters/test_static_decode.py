@@ -9,6 +9,7 @@ near-tie the other way; transformers' own static-cache `generate` does the same.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import threading
 from collections.abc import Callable
@@ -174,6 +175,27 @@ def test_cross_attention_step_compiles_whole(name: str, data_dir: Path) -> None:
         settings = [GenerationSettings(num_beams=beams, max_new_tokens=8)] * 3
         assert captioner.caption_batch(pixels, settings) == plain.caption_batch(pixels, settings)
     assert len(recorded_text_encodes) == (3 * 2 + 2 * 2 if name == "tiny-random-t5" else 0)
+
+
+@pytest.mark.parametrize(("name", "beams"), [("tiny-random", 1), ("tiny-random-blip", 3)])
+def test_after_warm_up_no_batch_compiles_anything(name: str, beams: int, data_dir: Path) -> None:
+    """On a GPU a new graph is seconds of compiling and recording inside someone's request: after
+    warm-up, batches of every size up to the largest bucket (padded or not), with or without a
+    prompt, must all run graphs recorded at start."""
+    from torch._dynamo.utils import counters
+
+    loaded = load_model(name, data_dir=data_dir, dtype="float32", device="cpu")
+    decoder = make_decoder(loaded, mode="on", buckets=(1, 2, 4), batch_max_size=4, max_new_tokens=6)
+    captioner = Captioner(loaded, decoder=decoder)
+    default = GenerationSettings(num_beams=beams, max_new_tokens=6)
+    captioner.warm_up(default)
+    graphs = counters["stats"]["unique_graphs"]
+    pixels = _pixels(captioner, 4, start=210)
+    for size in (1, 2, 3, 4, 3):
+        captioner.caption_batch(pixels[:size], [default] * size)
+    prompted = dataclasses.replace(default, prompt="a photo of")
+    captioner.caption_batch(pixels[:3], [prompted] * 3)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_generation_configs_the_loop_cannot_mirror_are_named(tiny_model: LoadedModel) -> None:

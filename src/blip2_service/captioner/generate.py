@@ -338,11 +338,16 @@ class Captioner:
 
 
 def _pad_rows(tensor: Any, rows: int) -> Any:
-    """`tensor` with copies of its first row appended up to `rows` rows (valid inputs, results dropped)."""
+    """`tensor` with copies of its first row appended up to `rows` rows (valid inputs, results dropped).
+
+    Always a new tensor, made in inference mode: a compiled graph guards on the kind of tensor it
+    was traced with, and a full batch passed through as it came would recompile the graph that a
+    padded one recorded (found by counting dynamo's graphs after warm-up).
+    """
     import torch
 
     extra = rows - tensor.shape[0]
-    return tensor if extra <= 0 else torch.cat([tensor, tensor[:1].expand(extra, *tensor.shape[1:])])
+    return tensor.clone() if extra <= 0 else torch.cat([tensor, tensor[:1].expand(extra, *tensor.shape[1:])])
 
 
 def attention_kernels(device: Any) -> AbstractContextManager[Any]:
