@@ -144,15 +144,14 @@ class StaticDecoder:
         max_cache_len: int,
         encoder_len: int = 0,
         compiled: bool,
-        capture_prefill: bool = True,
         check_every: int = 4,
     ) -> None:
         """`model`: the module whose forward gives logits (OPT's or T5's LM, BLIP's text decoder).
 
         `max_cache_len`: prompt tokens plus new tokens the self-attention cache holds;
-        `encoder_len`: encoder positions the cross-attention cache holds (shorter sources are padded);
-        `capture_prefill`: the prompt's forward is compiled too, for the prompt length warmed first
-        (the unprompted caption's); other lengths run it eagerly rather than record a graph each.
+        `encoder_len`: encoder positions the cross-attention cache holds (shorter sources are padded).
+        With `compiled`, the prompt's forward is compiled too, for `prefill_len` (the unprompted
+        caption's, set at warm-up); other lengths run it eagerly rather than record a graph each.
         """
         import torch
 
@@ -162,7 +161,6 @@ class StaticDecoder:
         self.max_cache_len = max_cache_len
         self.encoder_len = encoder_len
         self.compiled = compiled
-        self.capture_prefill = compiled and capture_prefill
         self.prefill_len: int | None = None  # the prompt length whose prefill is compiled
         self.check_every = max(1, check_every)
         self.device = next(model.parameters()).device
@@ -234,11 +232,12 @@ class StaticDecoder:
                 slot.states[:, :source_len] = inputs.encoder_states
                 slot.encoder_mask.zero_()
                 slot.encoder_mask[:, :source_len] = inputs.encoder_mask
-            prefill = self._step_fn if self.capture_prefill and prompt_len == self.prefill_len else self._forward
+            prefill = self._step_fn if prompt_len == self.prefill_len else self._forward
             logits = prefill(
                 slot.cache, inputs.ids, positions, mask, slot.states, slot.encoder_mask, embeds=inputs.embeds
             )
-            logits = logits.float()  # a copy: a captured graph's output is overwritten by its next replay
+            # Always a copy (`.float()` is none in float32): a graph's output is overwritten by its next replay.
+            logits = logits.to(torch.float32, copy=True)
             next_position = inputs.mask.long().sum(-1, keepdim=True)  # where the first new token sits
             tokens_buffer = torch.empty((rows, 1), dtype=torch.long, device=self.device)
             state = _State(slot, mask, next_position, tokens_buffer)
@@ -301,12 +300,14 @@ class StaticDecoder:
         return out.logits[:, -1, :]
 
     def _step(self, state: _State, tokens: Any, t: int, beams: Any = None) -> Any:
+        import torch
+
         positions = state.next_position + (t - 1)
         # Copied into one buffer: a strided view would fail the compiled graph's guards and recompile it.
         state.tokens.copy_(tokens.reshape(-1, 1))
         slot = state.slot
         logits = self._step_fn(slot.cache, state.tokens, positions, state.mask, slot.states, slot.encoder_mask, beams)
-        return logits.float()  # a new tensor: the graph's output buffer is reused by the next replay
+        return logits.to(torch.float32, copy=True)  # a copy: the graph's output is reused by the next replay
 
     # -- token selection (mirrors transformers' greedy and beam search) ---------------------
 
