@@ -240,7 +240,7 @@ class StaticDecoder:
             logits = logits.to(torch.float32, copy=True)
             next_position = inputs.mask.long().sum(-1, keepdim=True)  # where the first new token sits
             tokens_buffer = torch.empty((rows, 1), dtype=torch.long, device=self.device)
-            state = _State(slot, mask, next_position, tokens_buffer)
+            state = _State(slot, mask, next_position, prompt_len, tokens_buffer)
             if num_beams > 1:
                 tokens = self._beam(state, logits, rules, bucket, num_beams, max_new_tokens, min_new_tokens)
             else:
@@ -257,21 +257,10 @@ class StaticDecoder:
         mask: Any,
         states: Any,
         encoder_mask: Any,
-        beams: Any = None,
         *,
         embeds: Any = None,
     ) -> Any:
-        """Logits of the last position; the prompt's forward (`embeds` or prompt ids) fills the caches.
-
-        `beams`: the rows each row continues (beam search), applied to the self-attention cache
-        first, inside the captured graph: done eagerly it cost two launches per layer and step.
-        The whole length is reordered (a fixed shape); positions not yet written are masked.
-        """
-        if beams is not None:
-            layers = cache.layers if self.family == "causal" else cache.self_attention_cache.layers
-            for layer in layers:
-                layer.keys.copy_(layer.keys.index_select(0, beams))
-                layer.values.copy_(layer.values.index_select(0, beams))
+        """Logits of the last position; the prompt's forward (`embeds` or prompt ids) fills the caches."""
         cached = {self._cache_kw: cache, "use_cache": True}
         if self.family == "seq2seq":
             from transformers.modeling_outputs import BaseModelOutput
@@ -299,14 +288,14 @@ class StaticDecoder:
             out = self.lm(input_ids=tokens, attention_mask=mask, position_ids=positions, **cached)
         return out.logits[:, -1, :]
 
-    def _step(self, state: _State, tokens: Any, t: int, beams: Any = None) -> Any:
+    def _step(self, state: _State, tokens: Any, t: int) -> Any:
         import torch
 
         positions = state.next_position + (t - 1)
         # Copied into one buffer: a strided view would fail the compiled graph's guards and recompile it.
         state.tokens.copy_(tokens.reshape(-1, 1))
         slot = state.slot
-        logits = self._step_fn(slot.cache, state.tokens, positions, state.mask, slot.states, slot.encoder_mask, beams)
+        logits = self._step_fn(slot.cache, state.tokens, positions, state.mask, slot.states, slot.encoder_mask)
         return logits.to(torch.float32, copy=True)  # a copy: the graph's output is reused by the next replay
 
     # -- token selection (mirrors transformers' greedy and beam search) ---------------------
@@ -377,10 +366,9 @@ class StaticDecoder:
         hits = torch.zeros((batch, num_beams), dtype=torch.bool, device=device)
         running_idx = torch.full((batch, num_beams, max_new), -1, dtype=torch.int32, device=device)
         beam_indices = running_idx.clone()
-        reorder = None
         for t in range(max_new):
             if t > 0:
-                logits = self._step(state, running[:, :, t - 1].reshape(-1), t, reorder)
+                logits = self._step(state, running[:, :, t - 1].reshape(-1), t)
             log_probs = torch.nn.functional.log_softmax(logits, dim=-1) + biases[min(t, len(biases) - 1)]
             log_probs = log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]
             log_probs = log_probs.reshape(batch, -1)
@@ -427,7 +415,7 @@ class StaticDecoder:
             )
             if t + 1 >= max_new:
                 break
-            reorder = running_idx[..., t].reshape(-1).long()  # applied by the next step, in its graph
+            self._reorder(state, running_idx[..., t].reshape(-1).long(), state.prompt_len + t + 1)
             unsatisfied = G._check_early_stop_heuristic(
                 is_early_stop_heuristic_unsatisfied=unsatisfied,
                 running_beam_scores=running_scores,
@@ -450,6 +438,17 @@ class StaticDecoder:
 
     # -- caches ---------------------------------------------------------------------------
 
+    def _reorder(self, state: _State, index: Any, filled: int) -> None:
+        """Beam reordering in place, over the filled positions of every layer at once.
+
+        Every layer's keys and values are views of one tensor, so this is two launches per step
+        (it was two per layer: 128 for OPT-2.7b, bench/launch_count.py), moving only what is
+        filled; in place, so the recorded step keeps reading the same memory. Self-attention only:
+        every beam of an image attends to the same encoder states.
+        """
+        kv = state.slot.self_kv[..., :filled, :]
+        kv.copy_(kv.index_select(2, index))
+
     def _slot(self, rows: int) -> _Slot:
         """The caches (and encoder buffers) for `rows` rows: views of one allocation for the largest."""
         import torch
@@ -467,8 +466,9 @@ class StaticDecoder:
                 self._shared["states"] = torch.zeros(*width, self._encoder_width, dtype=self.dtype, device=self.device)
                 self._shared["encoder_mask"] = torch.zeros(*width, dtype=torch.long, device=self.device)
         own = self._view_cache(self._shared["self"], rows, self.max_cache_len)
+        self_kv = self._shared["self"][:, :, :rows]
         if not cross:
-            slot = _Slot(own, None, None)
+            slot = _Slot(own, self_kv, None, None)
         else:
             from transformers.cache_utils import EncoderDecoderCache
 
@@ -477,32 +477,27 @@ class StaticDecoder:
             encoder_mask = self._shared["encoder_mask"][:rows]
             torch._dynamo.mark_static_address(states)
             torch._dynamo.mark_static_address(encoder_mask)
-            slot = _Slot(both, states, encoder_mask)
+            slot = _Slot(both, self_kv, states, encoder_mask)
         self._slots[rows] = slot
         return slot
 
-    def _allocate(self, rows: int, length: int) -> list[tuple[Any, Any]]:
+    def _allocate(self, rows: int, length: int) -> Any:
+        """[layer, key/value, row, head, position, dim]: one tensor, so one op reorders every layer."""
         import torch
 
-        shape = (rows, self._heads, length, self._head_dim)
-        return [
-            (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
-            for _ in range(self._layers)
-        ]
+        shape = (self._layers, 2, rows, self._heads, length, self._head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
-    def _view_cache(self, shared: list[tuple[Any, Any]], rows: int, length: int) -> Any:
+    def _view_cache(self, shared: Any, rows: int, length: int) -> Any:
         """A cache of static layers whose tensors are the first `rows` rows of `shared`."""
         import torch
         from transformers.cache_utils import Cache, StaticLayer
 
-        cache = Cache(layers=[StaticLayer(max_cache_len=length) for _ in shared])
+        cache = Cache(layers=[StaticLayer(max_cache_len=length) for _ in range(self._layers)])
         cache.early_initialization(1, self._heads, self._head_dim, self.dtype, self.device)
-        for layer, (keys, values) in zip(cache.layers, shared, strict=True):
-            layer.keys = keys[:rows]
-            layer.values = values[:rows]
+        for index, layer in enumerate(cache.layers):
+            layer.keys = shared[index, 0, :rows]
+            layer.values = shared[index, 1, :rows]
             layer.batch_size = rows
             torch._dynamo.mark_static_address(layer.keys)
             torch._dynamo.mark_static_address(layer.values)
@@ -511,9 +506,11 @@ class StaticDecoder:
 
 @dataclass(slots=True)
 class _Slot:
-    """One row count's cache, and the encoder buffers the captured step reads (cross-attention)."""
+    """One row count's cache (`self_kv`: its self-attention keys and values, for beams to reorder),
+    and the encoder buffers the captured step reads (cross-attention)."""
 
     cache: Any
+    self_kv: Any
     states: Any
     encoder_mask: Any
 
@@ -523,6 +520,7 @@ class _State:
     slot: _Slot
     mask: Any
     next_position: Any
+    prompt_len: int
     tokens: Any
 
 
