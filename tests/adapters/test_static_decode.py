@@ -49,7 +49,11 @@ def plain(tiny_model: LoadedModel) -> Captioner:
 def _static(tiny_model: LoadedModel, buckets: tuple[int, ...] = (1, 2, 4, 8), *, compiled: bool = False) -> Captioner:
     queries = int(tiny_model.model.config.num_query_tokens)
     decoder = StaticDecoder(
-        tiny_model.model.language_model, buckets=buckets, max_cache_len=queries + PROMPT_ROOM + 12, compiled=compiled
+        tiny_model.model.language_model,
+        buckets=buckets,
+        max_cache_len=queries + PROMPT_ROOM + 12,
+        prefill_len=queries + 1,
+        compiled=compiled,
     )
     return Captioner(tiny_model, decoder=decoder)
 

@@ -23,7 +23,7 @@ from PIL import Image
 from ..domain import BadInput, GenerationSettings
 from .loading import LoadedModel
 from .pixels import PixelPrep
-from .static_decode import DecodeInputs, StaticDecoder, TokenRules, allow_recompiles, unsupported_reason
+from .static_decode import DecodeInputs, StaticDecoder, TokenRules, allow_recompiles, pad_rows, unsupported_reason
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class Captioner:
             for first_row in range(0, total, decoder.largest):
                 rows = min(decoder.largest, total - first_row)
                 bucket = decoder.bucket_for(rows) or rows
-                chunk = {key: _pad_rows(value[first_row : first_row + rows], bucket) for key, value in inputs.items()}
+                chunk = {key: pad_rows(value[first_row : first_row + rows], bucket) for key, value in inputs.items()}
                 start = self._decode_inputs(chunk)
                 source_len = 0 if start.encoder_states is None else start.encoder_states.shape[1]
                 if not decoder.fits(start.mask.shape[1], first.max_new_tokens, source_len):
@@ -282,11 +282,11 @@ class Captioner:
         return DecodeInputs(mask=torch.ones_like(ids), ids=ids, encoder_states=encoded, encoder_mask=mask)
 
     def _token_rules(self, config: Any) -> TokenRules:
+        rules = TokenRules.from_generation_config(config)
         if self.loaded.kind == "blip":  # BLIP's generate stops at [SEP] and pads with [PAD]
             text = self._model.config.text_config
-            config = copy.deepcopy(config)
-            config.update(eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id)
-        return TokenRules.from_generation_config(config)
+            rules = dataclasses.replace(rules, eos=(int(text.sep_token_id),), pad=int(text.pad_token_id))
+        return rules
 
     def warm_up(self, settings: GenerationSettings) -> int:
         """Run every bucket once (largest first) so no request pays for compiling or recording a graph.
@@ -304,7 +304,6 @@ class Captioner:
         height, width = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
         # A few tokens are enough: the captured step does not depend on how many follow.
         short = dataclasses.replace(settings, prompt=None, num_captions=1, max_new_tokens=4, min_new_tokens=4)
-        decoder.prefill_len = self._unprompted_len()
         for bucket in reversed(decoder.buckets):
             pixels = [self.preprocess(Image.new("RGB", (width, height)))] * bucket
             started = time.perf_counter()
@@ -312,12 +311,6 @@ class Captioner:
                 self._generate(pixels, [short] * bucket)
             log.info("decode bucket %d warmed in %.1fs", bucket, time.perf_counter() - started)
         return len(decoder.buckets)
-
-    def _unprompted_len(self) -> int:
-        """The decoder's prompt length for a caption without a prompt: the one warmed and recorded."""
-        if self.loaded.kind == "blip" or self._is_encoder_decoder:
-            return 1  # BLIP: [BOS]; T5's decoder: its start token (the prompt goes to the encoder)
-        return len(self._image_token_ids) + 1
 
     def _encode_prompts(self, prompts: list[str], device: Any) -> dict[str, Any]:
         """Tokenise prompts the way `Blip2Processor` does: query-token placeholders, then left-padded text."""
@@ -335,19 +328,6 @@ class Captioner:
             input_ids = torch.cat([image_ids, input_ids], dim=1)
             attention = torch.cat([torch.ones(len(prompts), n, dtype=attention.dtype), attention], dim=1)
         return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
-
-
-def _pad_rows(tensor: Any, rows: int) -> Any:
-    """`tensor` with copies of its first row appended up to `rows` rows (valid inputs, results dropped).
-
-    Always a new tensor, made in inference mode: a compiled graph guards on the kind of tensor it
-    was traced with, and a full batch passed through as it came would recompile the graph that a
-    padded one recorded (found by counting dynamo's graphs after warm-up).
-    """
-    import torch
-
-    extra = rows - tensor.shape[0]
-    return tensor.clone() if extra <= 0 else torch.cat([tensor, tensor[:1].expand(extra, *tensor.shape[1:])])
 
 
 def attention_kernels(device: Any) -> AbstractContextManager[Any]:

@@ -87,8 +87,18 @@ class DecodeInputs:
             **{f.name: None if (t := getattr(self, f.name)) is None else fn(t) for f in dataclasses.fields(self)}
         )
 
-    def rows(self, part: slice) -> DecodeInputs:
-        return self.map(lambda t: t[part])
+
+def pad_rows(tensor: Any, rows: int) -> Any:
+    """`tensor` with copies of its first row appended up to `rows` rows (valid inputs, results dropped).
+
+    Always a new tensor, made in inference mode: a compiled graph guards on the kind of tensor it
+    was traced with, and a full batch passed through as it came would recompile the graph that a
+    padded one recorded (found by counting dynamo's graphs after warm-up).
+    """
+    import torch
+
+    extra = rows - tensor.shape[0]
+    return tensor.clone() if extra <= 0 else torch.cat([tensor, tensor[:1].expand(extra, *tensor.shape[1:])])
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +153,7 @@ class StaticDecoder:
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         max_cache_len: int,
         encoder_len: int = 0,
+        prefill_len: int | None = None,
         compiled: bool,
         check_every: int = 4,
     ) -> None:
@@ -150,8 +161,8 @@ class StaticDecoder:
 
         `max_cache_len`: prompt tokens plus new tokens the self-attention cache holds;
         `encoder_len`: encoder positions the cross-attention cache holds (shorter sources are padded).
-        With `compiled`, the prompt's forward is compiled too, for `prefill_len` (the unprompted
-        caption's, set at warm-up); other lengths run it eagerly rather than record a graph each.
+        With `compiled`, the prompt's forward is compiled too for prompts of `prefill_len` tokens
+        (the unprompted caption's); other lengths run it eagerly rather than record a graph each.
         """
         import torch
 
@@ -161,7 +172,7 @@ class StaticDecoder:
         self.max_cache_len = max_cache_len
         self.encoder_len = encoder_len
         self.compiled = compiled
-        self.prefill_len: int | None = None  # the prompt length whose prefill is compiled
+        self.prefill_len = prefill_len
         self.check_every = max(1, check_every)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -175,8 +186,7 @@ class StaticDecoder:
             self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
             self._encoder_width = getattr(config, "encoder_hidden_size", 0)
         self._slots: dict[int, _Slot] = {}
-        self._shared: dict[str, Any] = {}
-        self._shared_rows = 0
+        self._largest: _Slot | None = None  # owns the memory; every other slot is a view of it
         self._step_fn: Any = self._forward
         # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this one takes.
         params = inspect.signature(model.forward).parameters
@@ -215,9 +225,8 @@ class StaticDecoder:
         bucket = self.bucket_for(batch)
         if bucket is None or not self.fits(prompt_len, max_new_tokens, source_len):
             raise ValueError(f"batch {batch} x {prompt_len} tokens does not fit the static decoder")
-        if bucket > batch:  # pad with copies of the first row: valid inputs, results dropped
-            extra = bucket - batch
-            inputs = inputs.map(lambda t: torch.cat([t, t[:1].expand(extra, *t.shape[1:])]))
+        if bucket > batch:
+            inputs = inputs.map(lambda t: pad_rows(t, bucket))
         if num_beams > 1:
             inputs = inputs.map(lambda t: t.repeat_interleave(num_beams, dim=0))
         rows = bucket * num_beams
@@ -451,35 +460,40 @@ class StaticDecoder:
 
     def _slot(self, rows: int) -> _Slot:
         """The caches (and encoder buffers) for `rows` rows: views of one allocation for the largest."""
+        if rows not in self._slots:
+            if self._largest is None or rows > self._largest.rows:
+                self._slots.clear()
+                self._largest = self._allocate_slot(rows)
+            self._slots[rows] = self._first_rows(self._largest, rows)
+        return self._slots[rows]
+
+    def _first_rows(self, largest: _Slot, rows: int) -> _Slot:
+        """The slot of `largest`'s first `rows` rows: views of its memory, with caches of their own."""
         import torch
 
-        if rows in self._slots:
-            return self._slots[rows]
-        cross = self.family != "causal"
-        if rows > self._shared_rows:
-            self._shared_rows = rows
-            self._slots.clear()
-            self._shared = {"self": self._allocate(rows, self.max_cache_len)}
-            if cross:
-                self._shared["cross"] = self._allocate(rows, self.encoder_len)
-                width = (rows, self.encoder_len)
-                self._shared["states"] = torch.zeros(*width, self._encoder_width, dtype=self.dtype, device=self.device)
-                self._shared["encoder_mask"] = torch.zeros(*width, dtype=torch.long, device=self.device)
-        own = self._view_cache(self._shared["self"], rows, self.max_cache_len)
-        self_kv = self._shared["self"][:, :, :rows]
-        if not cross:
-            slot = _Slot(own, self_kv, None, None)
-        else:
-            from transformers.cache_utils import EncoderDecoderCache
+        own = self._view_cache(largest.self_kv, rows)
+        if largest.cross_kv is None:
+            return _Slot(largest.self_kv[:, :, :rows], cache=own)
+        from transformers.cache_utils import EncoderDecoderCache
 
-            both = EncoderDecoderCache(own, self._view_cache(self._shared["cross"], rows, self.encoder_len))
-            states = self._shared["states"][:rows]
-            encoder_mask = self._shared["encoder_mask"][:rows]
-            torch._dynamo.mark_static_address(states)
-            torch._dynamo.mark_static_address(encoder_mask)
-            slot = _Slot(both, self_kv, states, encoder_mask)
-        self._slots[rows] = slot
-        return slot
+        states, encoder_mask = largest.states[:rows], largest.encoder_mask[:rows]
+        torch._dynamo.mark_static_address(states)
+        torch._dynamo.mark_static_address(encoder_mask)
+        cache = EncoderDecoderCache(own, self._view_cache(largest.cross_kv, rows))
+        return _Slot(largest.self_kv[:, :, :rows], largest.cross_kv[:, :, :rows], states, encoder_mask, cache)
+
+    def _allocate_slot(self, rows: int) -> _Slot:
+        import torch
+
+        if self.family == "causal":
+            return _Slot(self._allocate(rows, self.max_cache_len))
+        source = (rows, self.encoder_len)
+        return _Slot(
+            self._allocate(rows, self.max_cache_len),
+            self._allocate(rows, self.encoder_len),
+            torch.zeros(*source, self._encoder_width, dtype=self.dtype, device=self.device),
+            torch.zeros(*source, dtype=torch.long, device=self.device),
+        )
 
     def _allocate(self, rows: int, length: int) -> Any:
         """[layer, key/value, row, head, position, dim]: one tensor, so one op reorders every layer."""
@@ -488,11 +502,12 @@ class StaticDecoder:
         shape = (self._layers, 2, rows, self._heads, length, self._head_dim)
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
-    def _view_cache(self, shared: Any, rows: int, length: int) -> Any:
+    def _view_cache(self, shared: Any, rows: int) -> Any:
         """A cache of static layers whose tensors are the first `rows` rows of `shared`."""
         import torch
         from transformers.cache_utils import Cache, StaticLayer
 
+        length = shared.shape[4]
         cache = Cache(layers=[StaticLayer(max_cache_len=length) for _ in range(self._layers)])
         cache.early_initialization(1, self._heads, self._head_dim, self.dtype, self.device)
         for index, layer in enumerate(cache.layers):
@@ -506,13 +521,19 @@ class StaticDecoder:
 
 @dataclass(slots=True)
 class _Slot:
-    """One row count's cache (`self_kv`: its self-attention keys and values, for beams to reorder),
-    and the encoder buffers the captured step reads (cross-attention)."""
+    """One row count's memory: self-attention keys and values [layer, k/v, row, head, position, dim]
+    (beams reorder them), and for cross-attention decoders the encoder's keys and values and the
+    encoder states and mask the captured step reads. `cache` is what the model is handed."""
 
-    cache: Any
     self_kv: Any
-    states: Any
-    encoder_mask: Any
+    cross_kv: Any = None
+    states: Any = None
+    encoder_mask: Any = None
+    cache: Any = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.self_kv.shape[2])
 
 
 @dataclass(slots=True)
@@ -581,6 +602,7 @@ def make_decoder(
             buckets=kept,
             max_cache_len=PROMPT_ROOM + max_new_tokens,
             encoder_len=patches,
+            prefill_len=1,  # [BOS]
             compiled=True,
         )
     queries = int(config.num_query_tokens)
@@ -591,8 +613,13 @@ def make_decoder(
             buckets=kept,
             max_cache_len=1 + max_new_tokens,
             encoder_len=queries + PROMPT_ROOM,
+            prefill_len=1,  # the decoder's start token
             compiled=True,
         )
     return StaticDecoder(
-        model.language_model, buckets=kept, max_cache_len=queries + PROMPT_ROOM + max_new_tokens, compiled=True
+        model.language_model,
+        buckets=kept,
+        max_cache_len=queries + PROMPT_ROOM + max_new_tokens,
+        prefill_len=queries + 1,  # the image queries and BOS
+        compiled=True,
     )
