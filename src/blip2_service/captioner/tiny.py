@@ -76,6 +76,22 @@ _EVA_VIT_G = {
 _QFORMER = {"vocab_size": 30522, "encoder_hidden_size": 1408}
 
 
+def _random_blip2(config: Any, *, dtype: Any, seed: int, device: Any) -> Any:
+    """A BLIP-2 of `config`'s shapes with N(0, 0.02) weights, made directly on `device`: built on
+    the meta device, then materialised and filled there (seconds on a GPU, not minutes)."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Blip2ForConditionalGeneration(config)
+    model = model.to(dtype or torch.float32).to_empty(device=device)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02)
+    return model
+
+
 def _publish_dir(staging: Path, path: Path, marker_name: str, info: dict[str, Any]) -> Path:
     """Move a finished build into place atomically: a crash or a concurrent builder never
     leaves a half-written checkpoint where `from_pretrained` would find it."""
@@ -226,8 +242,7 @@ def make_full_random(
     """
     import tempfile as _tempfile
 
-    import torch
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+    from transformers import Blip2Config, Blip2Processor
 
     tiny_dir = build_tiny_random((work_dir or Path(_tempfile.gettempdir()) / "blip2-bench") / "tiny-random")
     processor = Blip2Processor.from_pretrained(tiny_dir)
@@ -253,14 +268,7 @@ def make_full_random(
         num_query_tokens=32,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
     )
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = Blip2ForConditionalGeneration(config)
-    # Materialise and fill on the target device: on a GPU that takes seconds, not minutes.
-    model = model.to(dtype or torch.float32).to_empty(device=device)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.02)
+    model = _random_blip2(config, dtype=dtype, seed=seed, device=device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -500,8 +508,6 @@ def build_tiny_random_t5(path: Path, *, seed: int = 0) -> Path:
 def make_full_random_t5(*, dtype: Any = None, seed: int = 0, device: Any = "cpu") -> tuple[Any, Any]:
     """BLIP-2 Flan-T5-XL's published architecture with random weights (about 3.9 B parameters),
     in memory, for benchmarks. Vocabulary: Flan-T5's 32,128 rows; the tokenizer is the tiny one."""
-    import torch
-    from transformers import Blip2ForConditionalGeneration
 
     processor = _t5_processor(image_size=224, num_query_tokens=32)
     config = _t5_blip2_config(
@@ -518,13 +524,7 @@ def make_full_random_t5(*, dtype: Any = None, seed: int = 0, device: Any = "cpu"
         vision=_EVA_VIT_G,
         qformer=_QFORMER,
     )
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = Blip2ForConditionalGeneration(config)
-    model = model.to(dtype or torch.float32).to_empty(device=device)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.02)
+    model = _random_blip2(config, dtype=dtype, seed=seed, device=device)
     _set_t5_generation(model, processor.tokenizer)
     model.eval()
     return model, processor

@@ -107,13 +107,11 @@ class CaptionRepository:
         self._sighting_upsert = self._sighting_statement()
         self._caption_insert = self._insert(captions).on_conflict_do_nothing().returning(captions.c.id)
         self._caption_by_id = select(captions).where(captions.c.id == bindparam("caption_id"))
-        by_key = (
+        self._caption_by_key = select(captions).where(
             captions.c.image_sha256 == bindparam("key_sha256"),
             captions.c.model == bindparam("key_model"),
             captions.c.settings_key == bindparam("key_settings"),
         )
-        self._caption_key = select(captions.c.id, captions.c.status).where(*by_key)
-        self._caption_by_key = select(captions).where(*by_key)
 
     def _image_statements(self) -> tuple[Any, Any]:
         """Insert an image; the upsert (with a thumbnail) fills a thumbnail gap but never overwrites:
@@ -241,7 +239,7 @@ class CaptionRepository:
             created = inserted is not None
             if not created:
                 row = conn.execute(
-                    self._caption_key,
+                    self._caption_by_key,
                     {"key_sha256": new.image.sha256, "key_model": new.model, "key_settings": key},
                 ).one()
                 inserted = row.id
