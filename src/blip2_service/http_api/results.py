@@ -130,6 +130,16 @@ def _sha(request: web.Request) -> str | None:
 _BAD_SHA = "An image is named by the 64 hex digits of its sha256"
 
 
+async def _by_sha(
+    request: web.Request, fetch: Callable[[CaptionRepository, str], T | None], missing: str
+) -> T | web.Response:
+    """`_lookup` for the image the path names: 400 when it names none, `missing` has `{sha}`."""
+    sha = _sha(request)
+    if sha is None:
+        return _problem(400, _BAD_SHA)
+    return await _lookup(request, lambda store: fetch(store, sha), missing.format(sha=sha))
+
+
 async def get_caption(request: web.Request) -> web.Response:
     raw = request.match_info["id"]
     if not _ID_RE.match(raw):
@@ -141,18 +151,12 @@ async def get_caption(request: web.Request) -> web.Response:
 
 
 async def get_image(request: web.Request) -> web.Response:
-    sha = _sha(request)
-    if sha is None:
-        return _problem(400, _BAD_SHA)
-    info = await _lookup(request, lambda store: store.image(sha), f"No image with sha256 {sha}")
+    info = await _by_sha(request, CaptionRepository.image, "No image with sha256 {sha}")
     return info if isinstance(info, web.Response) else json_response(info)
 
 
 async def get_thumbnail(request: web.Request) -> web.Response:
-    sha = _sha(request)
-    if sha is None:
-        return _problem(400, _BAD_SHA)
-    data = await _lookup(request, lambda store: store.thumbnail(sha), f"No thumbnail for {sha}")
+    data = await _by_sha(request, CaptionRepository.thumbnail, "No thumbnail for {sha}")
     if isinstance(data, web.Response):
         return data
     return web.Response(
@@ -164,12 +168,10 @@ async def caption_image(request: web.Request) -> web.Response:
     """Caption a stored image again (the page's "caption again"), from a sighting whose file is
     still readable inside FILE_ROOTS, with the current model and settings."""
     ctx = request.app[CONTEXT]
-    sha = _sha(request)
-    if sha is None:
-        return _problem(400, _BAD_SHA)
-    info = await _lookup(request, lambda store: store.image(sha), f"No image with sha256 {sha}")
+    info = await _by_sha(request, CaptionRepository.image, "No image with sha256 {sha}")
     if isinstance(info, web.Response):
         return info
+    sha = info["sha256"]
     paths = [loc["source_ref"] for loc in info["locations"] if loc["source_ref"].startswith("/")]
     try:
         if ctx.gateway is None:
