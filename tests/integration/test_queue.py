@@ -148,6 +148,18 @@ def _queue_depth(url: str, name: str) -> int:
         return int(count)
 
 
+def _queue_consumers(url: str, name: str) -> int:
+    """Consumers subscribed to a queue; 0 before any of them has declared it."""
+    from amqp.exceptions import NotFound
+
+    try:
+        with Connection(url) as conn:
+            _name, _count, consumers = conn.channel().queue_declare(name, passive=True)
+            return int(consumers)
+    except NotFound:
+        return 0
+
+
 def test_a_hundred_requests_are_stored_and_announced_and_rpc_replies_match(
     start_consumer: Callable[..., QueueConsumer],
     sqlite_store: CaptionRepository,
@@ -373,7 +385,8 @@ def test_a_queue_declared_with_other_arguments_stops_the_consumer_with_one_line(
     error = consumer.health()["last_error"]
     assert "exists with other arguments" in error and "QUEUE_NAME" in error
     reconnects = consumer.health()["reconnects"]
-    time.sleep(2)  # it stays stopped: no retry loop
+    # It stays stopped: the consuming loop has ended, so no retry loop is left to reconnect.
+    assert consumer._stopped.wait(30), "the consumer's loop is still running after it failed"
     assert consumer.health()["reconnects"] == reconnects and consumer.health()["state"] == "failed"
 
 
@@ -485,7 +498,8 @@ def test_two_consumers_share_one_queue_and_caption_each_request_once(
     store = CaptionRepository(engine)
     workers = [_consume_process(tmp_path, data_dir, broker, topology, pg_url, f"w{i}") for i in range(2)]
     try:
-        time.sleep(8)  # both up before the burst, so both get work
+        # Both subscribed before the burst, so both get work.
+        wait_until(lambda: _queue_consumers(broker, topology.queue_name) == 2, 120, "both workers consuming")
         _publish_many(publisher, 100, seed=20_000)
         items = results.wait(100, timeout=180)
     finally:
