@@ -1,4 +1,5 @@
 import io
+import os
 
 import numpy as np
 import pytest
@@ -112,3 +113,18 @@ def test_thumbnail_is_a_small_jpeg() -> None:
     image = Image.open(io.BytesIO(thumb))
     assert image.format == "JPEG"
     assert max(image.size) == 128
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc (Linux)")
+def test_thumbnail_is_the_same_jpeg_as_encoded_in_memory_and_leaves_no_file_open() -> None:
+    """Encoded through a descriptor (so Pillow lets go of the GIL): the same bytes as a BytesIO
+    encode, and nothing left open after many."""
+    photo = _photo(640, 480)
+    reference = photo.copy()
+    reference.thumbnail((256, 256))
+    buf = io.BytesIO()
+    reference.save(buf, format="JPEG", quality=80)
+    fds = len(os.listdir("/proc/self/fd"))
+    thumbs = {make_thumbnail(photo) for _ in range(50)}
+    assert thumbs == {buf.getvalue()}
+    assert len(os.listdir("/proc/self/fd")) == fds
