@@ -52,12 +52,20 @@ def check_size(byte_size: int, max_file_size: int) -> None:
         )
 
 
-def decode_image(data: bytes, *, max_file_size: int, max_image_pixels: int) -> DecodedImage:
-    """Validate and decode; raise ImageTooLarge (413), UnsupportedImage (415) or UndecodableImage (422)."""
+def check_bytes(data: bytes, max_file_size: int) -> None:
+    """The checks that need no decoding: empty (415) or over MAX_FILE_SIZE (413)."""
     if not data:
         raise UnsupportedImage("The image is empty (0 bytes); send the image file's contents")
     check_size(len(data), max_file_size)
-    digest = sha256_of(data)
+
+
+def decode_image(data: bytes, *, max_file_size: int, max_image_pixels: int, sha256: str | None = None) -> DecodedImage:
+    """Validate and decode; raise ImageTooLarge (413), UnsupportedImage (415) or UndecodableImage (422).
+
+    `sha256`: the bytes' digest when the caller has it already (it looked the image up first).
+    """
+    check_bytes(data, max_file_size)
+    digest = sha256 or sha256_of(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

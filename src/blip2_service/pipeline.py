@@ -37,7 +37,7 @@ from .domain import (
     TransientError,
 )
 from .emoji.mapper import EmojiMapper
-from .imaging import DecodedImage, decode_image, make_thumbnail, sha256_of
+from .imaging import DecodedImage, check_bytes, decode_image, make_thumbnail, sha256_of
 from .metrics import Metrics
 from .store.repository import CaptionRepository, ImageInfo, NewCaption, Sighting
 from .store.rows import CaptionItem
@@ -214,26 +214,34 @@ class CaptionPipeline:
     ) -> None:
         model = captioner.name
         try:
+            check_bytes(request.data, self.limits.max_file_size)
+        except PermanentError as exc:
+            self._fail(request, model, exc, outer, started)
+            return
+        # Looked up by the bytes' hash before decoding: a stored caption answers a repeat (a
+        # re-scanned folder, a client sending the same photo again) without decoding it.
+        sha = sha256_of(request.data)
+        use_store = self.store is not None and request.store
+        if use_store and not request.refresh:
+            assert self.store is not None
+            with self.metrics.stage("lookup"):
+                stored = self.store.find_caption(sha, model, request.settings)
+            if stored is not None and stored["status"] == "succeeded":
+                self.store.record_sighting(ImageInfo(sha, len(request.data)), _sighting(request))
+                self.metrics.cache_hits.labels(request.source.value).inc()
+                outer.set_result(self._from_item(stored, started, cached=True))
+                return
+        try:
             with self.metrics.stage("decode"):
                 decoded = decode_image(
                     request.data,
                     max_file_size=self.limits.max_file_size,
                     max_image_pixels=self.limits.max_image_pixels,
+                    sha256=sha,
                 )
         except PermanentError as exc:
             self._fail(request, model, exc, outer, started)
             return
-        info = ImageInfo(decoded.sha256, decoded.byte_size, decoded.width, decoded.height, decoded.format)
-        use_store = self.store is not None and request.store
-        if use_store and not request.refresh:
-            assert self.store is not None
-            with self.metrics.stage("lookup"):
-                stored = self.store.find_caption(decoded.sha256, model, request.settings)
-            if stored is not None and stored["status"] == "succeeded":
-                self.store.record_sighting(info, _sighting(request))
-                self.metrics.cache_hits.labels(request.source.value).inc()
-                outer.set_result(self._from_item(stored, started, cached=True))
-                return
 
         key = (decoded.sha256, request.settings.key())
         generation, leader = self._join_or_lead(key)

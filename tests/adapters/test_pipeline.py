@@ -42,8 +42,11 @@ def test_a_caption_is_stored_with_its_emojis_and_served_from_the_store_next_time
     assert stored["emoji_mappings"] == [m.as_dict() for m in first.predictions[0].emoji_mappings]
     assert stored["source"] == "cli" and stored["status"] == "succeeded"
 
+    decoded = pipeline.metrics.registry.get_sample_value("blip2_stage_seconds_count", {"stage": "decode"})
     again = pipeline.caption(_req(1, ref="/elsewhere/copy.jpg"), timeout=60)
     assert again.cached and again.record_id == first.record_id and again.text == first.text
+    # Answered by the bytes' hash: the repeat was never decoded.
+    assert pipeline.metrics.registry.get_sample_value("blip2_stage_seconds_count", {"stage": "decode"}) == decoded == 1
     image = store.image(first.image_sha256 or "")
     assert image is not None
     assert {loc["source_ref"] for loc in image["locations"]} == {"/pics/1.jpg", "/elsewhere/copy.jpg"}
