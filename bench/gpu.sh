@@ -6,7 +6,8 @@
 #   profile  the decode step before/after: generate vs the compiled static-cache decode (batch 1/16/64)
 #   profile-blip  the same for blip-large-random (batch 1/16)
 #   serve    the real server (HTTP, SQLite), greedy and beam 5: single-image p50/p90, 64 clients,
-#            GPU utilisation, start-up, peak memory, and the in-process Captioner at the same batch
+#            GPU utilisation, start-up, peak memory, the server's CPU and GIL per image (py-spy),
+#            and the in-process Captioner at the same batch
 #   blip     the same server with blip-large-random (the legacy service's model shapes), greedy
 # Older steps by name: greedy, beam, tiny (bench/throughput.py's seed-vs-pipeline sweep).
 # Wheels: run bench/gpu_wheels.sh here first and carry .whl; they are installed into /tmp/site.
@@ -52,7 +53,7 @@ for s in $STEPS; do
     profile-blip) run profile-blip 100 bench/generate_profile.py --model blip-large-random --device cuda \
       --dtypes float16 --batches 1,16 --compile --profile-rows 0 ;;
     serve) run serve 280 bench/gpu_serve.py --model full-random --device cuda --dtype float16 --tokens 20 \
-      --decode greedy,beam --clients 64 --seconds 15 --single 20 --batch-max 64 ;;
+      --decode greedy,beam --clients 64 --seconds 15 --single 20 --batch-max 64 --gil ;;
     blip) run blip 150 bench/gpu_serve.py --model blip-large-random --device cuda --dtype float16 --tokens 20 \
       --decode greedy --clients 16 --seconds 5 --single 20 --batch-max 16 --no-inprocess ;;
     greedy) step greedy 150 --model full-random --device cuda --dtype float16 --decode greedy \

@@ -5,6 +5,9 @@ for /health (the start-up time includes loading and warming the compiled decode)
   single   one client, one distinct image at a time: p50 / p90
   load     --clients closed-loop clients for --seconds: images/s, p50 / p99, GPU utilisation
   stages   where an image's time went, from the server's own blip2_stage_seconds (mean ms)
+  host     the server's CPU time per image (all threads), and with --gil how long each group of
+           its threads held the GIL per image (py-spy --gil on the server during the load): one
+           process's host side cannot go faster than 1000 / (GIL ms per image) images/s
 and stops it. Then, in this process, the same model and settings through `Captioner.caption_batch`
 at batch BATCH_MAX_SIZE on preprocessed images: images/s, and HTTP's share of it.
 
@@ -113,6 +116,74 @@ class GpuSampler:
     def close(self) -> None:
         if self._proc is not None:
             self._proc.terminate()
+
+
+class GilSampler:
+    """py-spy --gil on the server for the load's duration: GIL-held ms per image by thread group.
+
+    Attaching to a running process needs ptrace rights (root, or a kernel that allows it); where
+    py-spy is missing or refused, the summary says why instead of a figure.
+    """
+
+    RATE = 200
+
+    def __init__(self, pid: int, seconds: float, out: Path) -> None:
+        self.out = out
+        self.error: str | None = None
+        self.proc: subprocess.Popen[str] | None = None
+        exe = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        for site in os.environ.get("PYTHONPATH", "").split(":"):
+            candidate = Path(site, "bin", "py-spy")
+            if exe is None and site and candidate.exists():
+                exe = str(candidate)
+        if exe is None:
+            self.error = "py-spy not installed"
+            return
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "record",
+                "--gil",
+                "--nonblocking",
+                "--threads",
+                "-r",
+                str(self.RATE),
+                "-d",
+                str(int(seconds)),
+                "-f",
+                "raw",
+                "-o",
+                str(out),
+                "-p",
+                str(pid),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def summary(self, images: int) -> dict[str, Any]:
+        if self.proc is not None:
+            output, _ = self.proc.communicate(timeout=120)
+            if self.proc.returncode != 0 or not self.out.exists():
+                self.error = (output.strip().splitlines() or ["py-spy failed"])[-1][:200]
+        if self.error is not None:
+            return {"gil_error": self.error}
+        groups: dict[str, int] = {}
+        for line in self.out.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            head = stack.split(";", 1)[0]
+            name = head.split(": ", 1)[1] if ": " in head else head
+            group = re.sub(r"_\d+$", "", name.strip()) or "?"
+            groups[group] = groups.get(group, 0) + int(count)
+        per_image = {k: round(1000 * v / self.RATE / max(images, 1), 3) for k, v in sorted(groups.items())}
+        return {"gil_ms_per_image": per_image, "gil_ms_per_image_total": round(sum(per_image.values()), 3)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its threads, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -227,10 +298,14 @@ def run_server(args: argparse.Namespace, beams: int, images: Images, sampler: Gp
         single = asyncio.run(_single(url, images, args.single))
         asyncio.run(_load(url, images, args.clients, 3))  # warm the full-batch path
         before = asyncio.run(_stages(url))
+        gil = GilSampler(proc.pid, args.seconds, log_path.with_name(f"gil-beam{beams}.txt")) if args.gil else None
+        cpu_before = _cpu_seconds(proc.pid)
         sampler.recording = True
         done, errors, lat = asyncio.run(_load(url, images, args.clients, args.seconds))
         sampler.recording = False
+        cpu_ms = 1000 * (_cpu_seconds(proc.pid) - cpu_before) / max(done, 1)
         after = asyncio.run(_stages(url))
+        host = {"server_cpu_ms_per_image": round(cpu_ms, 2), **(gil.summary(done) if gil else {})}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -254,6 +329,7 @@ def run_server(args: argparse.Namespace, beams: int, images: Images, sampler: Gp
         "load_p99_ms": round(1000 * _percentile(lat, 0.99), 1) if lat else None,
         "load_errors": errors,
         "stages_ms": stages,
+        **host,
         **sampler.summary(),
     }
 
@@ -329,6 +405,7 @@ def main() -> None:
     parser.add_argument("--compile", default="auto")
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--no-inprocess", action="store_true")
+    parser.add_argument("--gil", action="store_true", help="py-spy --gil on the server during the load")
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/blip2-bench/data"))
     args = parser.parse_args()
 
@@ -357,6 +434,15 @@ def main() -> None:
             f"GPU util {row['gpu_util_mean']} % peak {row['gpu_memory_peak_mib']} MiB"
         )
         print("    stages (mean ms per image): " + "  ".join(f"{k} {v}" for k, v in row["stages_ms"].items()))
+        gil = row.get("gil_ms_per_image")
+        print(
+            f"    host: server CPU {row['server_cpu_ms_per_image']} ms per image; GIL held per image: "
+            + (
+                "  ".join(f"{k} {v}" for k, v in gil.items()) + f"  (total {row['gil_ms_per_image_total']} ms)"
+                if gil
+                else row.get("gil_error", "not measured (--gil)")
+            )
+        )
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_serve.json").write_text(json.dumps(results, indent=2))
 

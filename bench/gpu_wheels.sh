@@ -9,7 +9,7 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 rm -rf .whl && mkdir -p .whl
 PY=${PYTHON:-.venv/bin/python}
 # name==version from this venv, so the GPU runs the versions the suite tested
-pins=$("$PY" -m pip list --format=freeze 2>/dev/null | grep -iE '^(transformers|huggingface[-_]hub|tokenizers|sqlalchemy|alembic|mako|pydantic|pydantic[-_]core|pydantic[-_]settings|python[-_]dotenv|typing[-_]inspection|annotated[-_]types|psycopg|psycopg[-_]binary|kombu|amqp|vine|watchdog|lemminflect|greenlet)==')
+pins=$("$PY" -m pip list --format=freeze 2>/dev/null | grep -iE '^(transformers|huggingface[-_]hub|tokenizers|sqlalchemy|alembic|mako|pydantic|pydantic[-_]core|pydantic[-_]settings|python[-_]dotenv|typing[-_]inspection|annotated[-_]types|psycopg|psycopg[-_]binary|kombu|amqp|vine|watchdog|lemminflect|greenlet|py[-_]spy)==')
 for pin in $pins; do
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
