@@ -1,9 +1,12 @@
 """The micro-batcher: one thread that owns the model and feeds it batches.
 
-Requests from every source land in one queue; the thread takes the first,
-waits at most `max_wait` for more (up to `max_size`), and processes them in
-one call. Waiting a few milliseconds costs one request little and lets a
-burst share a forward pass, which is where the throughput comes from.
+Requests from every source land in one queue; the thread takes the first and
+everything queued behind it (up to `max_size`), and processes them in one call.
+It waits for more only when more are known to be on their way (`incoming`:
+accepted upstream, still being decoded), up to `max_wait` or a share of one
+batch's time: a lone request goes at once, instead of paying the wait for
+company that is not coming. Under load, batches fill by themselves: whatever
+arrives while the model runs is taken together next time.
 """
 
 from __future__ import annotations
@@ -97,9 +100,12 @@ class MicroBatcher(Generic[T, R]):
             hold_until = started + max(self.max_wait_s, min(self._max_hold_s, self._max_hold_share * expected))
             while len(batch) < self.max_size:
                 now = time.monotonic()
-                if now >= deadline and self._incoming is not None and self._incoming() > 0 and now < hold_until:
-                    deadline = min(hold_until, now + 0.005)
-                remaining = deadline - now
+                if self._incoming is None:
+                    remaining = deadline - now  # upstream unknown: wait max_wait for company
+                elif self._incoming() > 0:
+                    remaining = min(hold_until - now, 0.005)  # on its way: wait, looking again every 5 ms
+                else:
+                    remaining = 0.0  # nothing on its way: take what is queued and go
                 try:
                     nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:

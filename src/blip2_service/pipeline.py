@@ -96,7 +96,7 @@ class CaptionPipeline:
             on_batch=self.metrics.observe_batch,
             incoming=lambda: self._preparing,
         )
-        self._preparing = 0  # accepted, not yet handed to the batcher (decoding, looking up)
+        self._preparing = 0  # accepted, not yet handed to the batcher (looking up, decoding, resizing)
         self._preparing_lock = threading.Lock()
         self._closed = False
 
@@ -155,19 +155,24 @@ class CaptionPipeline:
         outer: Future[CaptionResult] = Future()
         outer.add_done_callback(self._release)
         started = time.perf_counter()
-        with self._preparing_lock:
-            self._preparing += 1
-        self._prepare.submit(self._guard, outer, self._prepare_then_count, request, captioner, outer, started)
+        on_its_way = _OnItsWay(self)
+        self._prepare.submit(
+            self._guard, outer, self._prepare_then_count, request, captioner, outer, started, on_its_way
+        )
         return outer
 
     def _prepare_then_count(
-        self, request: CaptionRequest, captioner: Captioner, outer: Future[CaptionResult], started: float
+        self,
+        request: CaptionRequest,
+        captioner: Captioner,
+        outer: Future[CaptionResult],
+        started: float,
+        on_its_way: _OnItsWay,
     ) -> None:
         try:
-            self._prepare_stage(request, captioner, outer, started)
+            self._prepare_stage(request, captioner, outer, started, on_its_way)
         finally:
-            with self._preparing_lock:
-                self._preparing -= 1
+            on_its_way.arrived()
 
     def ensure_ready(self) -> Captioner:
         """The captioner, or `ModelNotReady`/`Overloaded`: lets a door refuse before reading input."""
@@ -210,7 +215,12 @@ class CaptionPipeline:
     # -- stages ---------------------------------------------------------------------------
 
     def _prepare_stage(
-        self, request: CaptionRequest, captioner: Captioner, outer: Future[CaptionResult], started: float
+        self,
+        request: CaptionRequest,
+        captioner: Captioner,
+        outer: Future[CaptionResult],
+        started: float,
+        on_its_way: _OnItsWay,
     ) -> None:
         model = captioner.name
         try:
@@ -252,8 +262,14 @@ class CaptionPipeline:
             except Exception as exc:
                 generation.set_exception(exc)
             else:
+                # No longer counted just before it is queued: counted a moment after, the batcher
+                # that picks it up would wait a round for it, as if it were still coming.
+                on_its_way.arrived()
                 inner = self._batcher.put(_Job(pixels, request.settings, time.perf_counter()))
                 inner.add_done_callback(lambda f: _chain(f, generation))
+        # Queued (or joined to an image in flight): a batch no longer waits for this one, though
+        # its thumbnail is still to be made.
+        on_its_way.arrived()
         # The thumbnail is made here, while the image waits for the model, not after it.
         thumbnail = None
         if use_store:
@@ -416,6 +432,28 @@ class CaptionPipeline:
     def _observe(self, request: CaptionRequest, result: CaptionResult, started: float) -> None:
         self.metrics.captions.labels(request.source.value, result.status).inc()
         self.metrics.request_seconds.labels(request.source.value).observe(time.perf_counter() - started)
+
+
+class _OnItsWay:
+    """One accepted image, counted as on its way to the batcher until it is handed over or given up.
+
+    The batcher holds a batch only for images counted here, so the count must drop the moment an
+    image is queued, not when its worker is done (it still makes the thumbnail after)."""
+
+    __slots__ = ("_counted", "_pipeline")
+
+    def __init__(self, pipeline: CaptionPipeline) -> None:
+        self._pipeline = pipeline
+        with pipeline._preparing_lock:
+            pipeline._preparing += 1
+        self._counted = True
+
+    def arrived(self) -> None:
+        """Idempotent; called by the one worker that prepares this image."""
+        if self._counted:
+            self._counted = False
+            with self._pipeline._preparing_lock:
+                self._pipeline._preparing -= 1
 
 
 def _sighting(request: CaptionRequest) -> Sighting:

@@ -53,6 +53,16 @@ def test_a_caption_is_stored_with_its_emojis_and_served_from_the_store_next_time
     assert len(image["captions"]) == 1
 
 
+def test_a_lone_image_is_not_held_for_company(
+    make_pipeline: Callable[..., CaptionPipeline], sqlite_store: CaptionRepository
+) -> None:
+    """BATCH_MAX_WAIT_MS is for images on their way; one image alone goes to the model at once
+    (its thumbnail, made after it is queued, does not hold it either). A minute's wait would time out."""
+    pipeline = make_pipeline(sqlite_store, batch_max_wait_s=60.0)
+    for seed in (41, 42):
+        assert pipeline.caption(_req(seed), timeout=30).ok
+
+
 def test_store_false_neither_reads_nor_writes(
     make_pipeline: Callable[..., CaptionPipeline], sqlite_store: CaptionRepository
 ) -> None:

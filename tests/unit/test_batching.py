@@ -36,6 +36,23 @@ def test_a_lone_item_waits_at_most_max_wait() -> None:
     batcher.stop(5)
 
 
+def test_a_lone_item_goes_at_once_when_nothing_is_on_its_way() -> None:
+    """With an upstream that says nothing else is coming, max_wait is not spent waiting for company
+    (here a minute: the result would time out)."""
+    sizes: list[int] = []
+
+    def process(items: Sequence[int]) -> list[int]:
+        sizes.append(len(items))
+        return list(items)
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(process, max_size=8, max_wait_s=60, incoming=lambda: 0)
+    batcher.start()
+    assert batcher.put(7).result(10) == 7
+    assert batcher.put(8).result(10) == 8
+    batcher.stop(5)
+    assert sizes == [1, 1]
+
+
 def test_per_item_exceptions_and_failing_batches_reach_their_futures() -> None:
     def process(items: Sequence[int]) -> list[int | BaseException]:
         if 99 in items:
