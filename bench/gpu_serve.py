@@ -255,6 +255,9 @@ async def _stages(url: str) -> dict[str, tuple[float, float]]:
     for match in re.finditer(r'blip2_stage_seconds_(sum|count)\{stage="(\w+)"\} ([0-9.e+-]+)', text):
         kind, stage, value = match.groups()
         found.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] = float(value)
+    for match in re.finditer(r"blip2_batch_size_(sum|count) ([0-9.e+-]+)", text):
+        kind, value = match.groups()
+        found.setdefault("batch_size", [0.0, 0.0])[0 if kind == "sum" else 1] = float(value)
     return {stage: (v[0], v[1]) for stage, v in found.items()}
 
 
@@ -317,6 +320,7 @@ def run_server(args: argparse.Namespace, beams: int, images: Images, sampler: Gp
         s0, c0 = before.get(stage, (0.0, 0.0))
         s1, c1 = after.get(stage, (0.0, 0.0))
         stages[stage] = round(1000 * (s1 - s0) / (c1 - c0), 2) if c1 > c0 else None
+    (b0, n0), (b1, n1) = before.get("batch_size", (0.0, 0.0)), after.get("batch_size", (0.0, 0.0))
     warm_line = next((ln for ln in log_path.read_text(errors="replace").splitlines() if "decode warmed" in ln), "")
     return {
         "beams": beams,
@@ -328,6 +332,7 @@ def run_server(args: argparse.Namespace, beams: int, images: Images, sampler: Gp
         "load_p50_ms": round(1000 * statistics.median(lat), 1) if lat else None,
         "load_p99_ms": round(1000 * _percentile(lat, 0.99), 1) if lat else None,
         "load_errors": errors,
+        "load_mean_batch": round((b1 - b0) / (n1 - n0), 1) if n1 > n0 else None,
         "stages_ms": stages,
         **host,
         **sampler.summary(),
@@ -429,7 +434,8 @@ def main() -> None:
             f"{args.model} beams={row['beams']} COMPILE={args.compile} BATCH_MAX_SIZE={args.batch_max}: "
             f"start {row['startup_s']} s | single p50 {row['single_p50_ms']} ms p90 {row['single_p90_ms']} ms | "
             f"{args.clients} clients {row['load_images_per_s']} img/s p50 {row['load_p50_ms']} ms "
-            f"p99 {row['load_p99_ms']} ms | in-process {row.get('inprocess_images_per_s')} img/s "
+            f"p99 {row['load_p99_ms']} ms, mean batch {row['load_mean_batch']} | "
+            f"in-process {row.get('inprocess_images_per_s')} img/s "
             f"(HTTP {100 * row.get('http_share_of_inprocess', float('nan')):.0f} %) | "
             f"GPU util {row['gpu_util_mean']} % peak {row['gpu_memory_peak_mib']} MiB"
         )
