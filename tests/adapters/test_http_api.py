@@ -247,7 +247,7 @@ async def test_502_when_the_url_cannot_be_fetched(service: Any, images_site: Tes
 
 
 async def test_503_with_retry_after_while_loading_and_when_overloaded(
-    service: Any, tiny_model: Any, roots: Path
+    service: Any, tiny_model: Any, roots: Path, loaded_holder: ModelHolder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
 
@@ -265,12 +265,25 @@ async def test_503_with_retry_after_while_loading_and_when_overloaded(
     _assert_legacy_error(await resp.json(), "still loading")
     release.set()
 
-    busy = await service(max_pending=1, batch_max_wait_ms=3000, batch_max_size=8)
+    # The first image is held inside the model (the real one, gated) so it is surely pending.
+    in_model, proceed = threading.Event(), threading.Event()
+    captioner = loaded_holder.captioner
+    assert captioner is not None
+    real_batch = captioner.caption_batch
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        in_model.set()
+        proceed.wait(30)
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(captioner, "caption_batch", gated)
+    busy = await service(max_pending=1, batch_max_size=8)
     first = asyncio.ensure_future(
         busy.post("/v3/analyze", data=image_bytes(40), headers={"Content-Type": "image/jpeg"})
     )
-    await asyncio.sleep(0.5)
+    assert await asyncio.get_running_loop().run_in_executor(None, in_model.wait, 30)
     second = await busy.post("/v3/analyze", data=image_bytes(41), headers={"Content-Type": "image/jpeg"})
+    proceed.set()
     assert second.status == 503 and second.headers["Retry-After"] == "1"
     _assert_legacy_error(await second.json(), "overloaded")
     assert (await first).status == 200
