@@ -164,7 +164,12 @@ class GilSampler:
 
     def summary(self, images: int) -> dict[str, Any]:
         if self.proc is not None:
-            output, _ = self.proc.communicate(timeout=120)
+            try:
+                output, _ = self.proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                output, _ = self.proc.communicate()
+                output += "\npy-spy did not finish within 60 s of the load"
             if self.proc.returncode != 0 or not self.out.exists():
                 self.error = (output.strip().splitlines() or ["py-spy failed"])[-1][:200]
         if self.error is not None:
