@@ -141,5 +141,8 @@ def make_thumbnail(image: Image.Image, size: int = 256) -> bytes:
 def _memory_file() -> IO[bytes]:
     """A file with a descriptor that never touches a disk (a memfd), or a temporary file off Linux."""
     if hasattr(os, "memfd_create"):
-        return open(os.memfd_create("thumbnail", os.MFD_CLOEXEC), "w+b")
+        try:
+            return open(os.memfd_create("thumbnail", os.MFD_CLOEXEC), "w+b")
+        except OSError:  # a sandbox that refuses the call (seccomp): a temporary file does the same
+            pass
     return tempfile.TemporaryFile()

@@ -128,3 +128,14 @@ def test_thumbnail_is_the_same_jpeg_as_encoded_in_memory_and_leaves_no_file_open
     thumbs = {make_thumbnail(photo) for _ in range(50)}
     assert thumbs == {buf.getvalue()}
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_thumbnail_falls_back_to_a_temporary_file_where_memfd_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    photo = _photo(640, 480)
+    expected = make_thumbnail(photo)
+
+    def refused(*_args: object) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "memfd_create", refused, raising=False)
+    assert make_thumbnail(photo) == expected
