@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,10 +94,9 @@ class CaptionPipeline:
             max_size=limits.batch_max_size,
             max_wait_s=limits.batch_max_wait_s,
             on_batch=self.metrics.observe_batch,
-            incoming=lambda: self._preparing,
+            incoming=lambda: self._on_its_way.count,
         )
-        self._preparing = 0  # accepted, not yet handed to the batcher (looking up, decoding, resizing)
-        self._preparing_lock = threading.Lock()
+        self._on_its_way = _OnItsWay()  # accepted, not yet queued for the model (looking up, decoding, resizing)
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -155,10 +154,8 @@ class CaptionPipeline:
         outer: Future[CaptionResult] = Future()
         outer.add_done_callback(self._release)
         started = time.perf_counter()
-        on_its_way = _OnItsWay(self)
-        self._prepare.submit(
-            self._guard, outer, self._prepare_then_count, request, captioner, outer, started, on_its_way
-        )
+        arrived = self._on_its_way.expect()
+        self._prepare.submit(self._guard, outer, self._prepare_then_count, request, captioner, outer, started, arrived)
         return outer
 
     def _prepare_then_count(
@@ -167,12 +164,12 @@ class CaptionPipeline:
         captioner: Captioner,
         outer: Future[CaptionResult],
         started: float,
-        on_its_way: _OnItsWay,
+        arrived: Callable[[], None],
     ) -> None:
         try:
-            self._prepare_stage(request, captioner, outer, started, on_its_way)
+            self._prepare_stage(request, captioner, outer, started, arrived)
         finally:
-            on_its_way.arrived()
+            arrived()
 
     def ensure_ready(self) -> Captioner:
         """The captioner, or `ModelNotReady`/`Overloaded`: lets a door refuse before reading input."""
@@ -220,7 +217,7 @@ class CaptionPipeline:
         captioner: Captioner,
         outer: Future[CaptionResult],
         started: float,
-        on_its_way: _OnItsWay,
+        arrived: Callable[[], None],
     ) -> None:
         model = captioner.name
         try:
@@ -264,12 +261,12 @@ class CaptionPipeline:
             else:
                 # No longer counted just before it is queued: counted a moment after, the batcher
                 # that picks it up would wait a round for it, as if it were still coming.
-                on_its_way.arrived()
+                arrived()
                 inner = self._batcher.put(_Job(pixels, request.settings, time.perf_counter()))
                 inner.add_done_callback(lambda f: _chain(f, generation))
         # Queued (or joined to an image in flight): a batch no longer waits for this one, though
         # its thumbnail is still to be made.
-        on_its_way.arrived()
+        arrived()
         # The thumbnail is made here, while the image waits for the model, not after it.
         thumbnail = None
         if use_store:
@@ -435,25 +432,32 @@ class CaptionPipeline:
 
 
 class _OnItsWay:
-    """One accepted image, counted as on its way to the batcher until it is handed over or given up.
+    """How many accepted images are still on their way to the batcher, which holds a batch only
+    for these. An image stops counting the moment it is queued: its worker still makes the
+    thumbnail after, and a batch must not wait for that."""
 
-    The batcher holds a batch only for images counted here, so the count must drop the moment an
-    image is queued, not when its worker is done (it still makes the thumbnail after)."""
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
 
-    __slots__ = ("_counted", "_pipeline")
+    @property
+    def count(self) -> int:
+        return self._count
 
-    def __init__(self, pipeline: CaptionPipeline) -> None:
-        self._pipeline = pipeline
-        with pipeline._preparing_lock:
-            pipeline._preparing += 1
-        self._counted = True
+    def expect(self) -> Callable[[], None]:
+        """Count one more; returns its `arrived()`, which uncounts it once however often it is called."""
+        with self._lock:
+            self._count += 1
+        pending = True
 
-    def arrived(self) -> None:
-        """Idempotent; called by the one worker that prepares this image."""
-        if self._counted:
-            self._counted = False
-            with self._pipeline._preparing_lock:
-                self._pipeline._preparing -= 1
+        def arrived() -> None:
+            nonlocal pending
+            if pending:
+                pending = False
+                with self._lock:
+                    self._count -= 1
+
+        return arrived
 
 
 def _sighting(request: CaptionRequest) -> Sighting:
