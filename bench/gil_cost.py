@@ -45,11 +45,12 @@ STAGES = {
 }
 
 
-def jpeg(seed: int) -> bytes:
+def jpeg(seed: int, size: tuple[int, int] = (640, 480)) -> bytes:
+    """A photo-like JPEG (smooth content) of `size`."""
     rng = np.random.default_rng(seed)
     small = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
     buf = io.BytesIO()
-    small.resize((640, 480), Image.BILINEAR).save(buf, format="JPEG", quality=88)
+    small.resize(size, Image.BILINEAR).save(buf, format="JPEG", quality=88)
     return buf.getvalue()
 
 
@@ -76,7 +77,7 @@ def _stage_loop(work: Callable[[], object], seconds: float) -> int:
     return calls
 
 
-def _stage(name: str) -> Callable[[], object]:
+def _stage(name: str, size: tuple[int, int]) -> Callable[[], object]:
     import torch
 
     from blip2_service.captioner.pixels import PixelPrep
@@ -87,7 +88,7 @@ def _stage(name: str) -> Callable[[], object]:
     from blip2_service.store import CaptionRepository, ImageInfo, NewCaption, Sighting, make_engine, upgrade
 
     torch.set_num_threads(1)
-    images = [jpeg(i) for i in range(16)]
+    images = [jpeg(i, size) for i in range(16 if size == (640, 480) else 2)]
     decoded = decode_image(images[0], **LIMITS)
     table = load_bundled()
     mapper = EmojiMapper(table.table, table.stopwords)
@@ -95,8 +96,8 @@ def _stage(name: str) -> Callable[[], object]:
     settings = GenerationSettings(num_beams=1, max_new_tokens=20, min_new_tokens=20)
     counter = iter(range(1 << 62))
     if name == "decode":
-        distinct = [images[i % 16] + b"#%d" % i for i in range(256)]  # a new sha256 each, built beforehand
-        return lambda: decode_image(distinct[next(counter) % 256], **LIMITS)
+        distinct = [images[i % len(images)] + b"#%d" % i for i in range(64)]  # a new sha256 each
+        return lambda: decode_image(distinct[next(counter) % 64], **LIMITS)
     if name in ("resize", "resize384"):
         prep = PixelPrep(_Processor(224 if name == "resize" else 384), torch.device("cpu"), torch.float32)
         return lambda: prep.prepare(decoded.image)
@@ -198,21 +199,21 @@ def _serve_http(seconds: float) -> int:
     return served
 
 
-def child(name: str, seconds: float) -> None:
+def child(name: str, seconds: float, size: tuple[int, int]) -> None:
     if name == "http":
         calls = _serve_http(seconds)
     else:
-        work = _stage(name)
+        work = _stage(name, size)
         work()
         calls = _stage_loop(work, seconds)
     print(json.dumps({"calls": calls, "seconds": seconds}), flush=True)
 
 
-def measure(name: str, seconds: float, pyspy: str) -> tuple[float, float]:
+def measure(name: str, seconds: float, pyspy: str, size: str) -> tuple[float, float]:
     """(GIL-held ms per call, wall ms per call), sampled by py-spy in a child process."""
     out = Path(tempfile.mkdtemp(prefix="gil-cost-")) / f"{name}.txt"
     cmd = [pyspy, "record", "--gil", "--nonblocking", "-r", str(RATE), "-f", "raw", "-o", str(out), "--"]
-    cmd += [sys.executable, __file__, "--child", name, "--seconds", str(seconds)]
+    cmd += [sys.executable, __file__, "--child", name, "--seconds", str(seconds), "--size", size]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     report = json.loads(next(ln for ln in reversed(done.stdout.splitlines()) if ln.startswith("{")))
     marker = "run_forever" if name == "http" else "_stage_loop"
@@ -229,16 +230,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--stages", default=",".join(STAGES), help="a comma-separated subset of " + ", ".join(STAGES))
+    parser.add_argument("--size", default="640x480", help="the JPEG's width x height (a phone photo: 4000x3000)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    width, height = (int(v) for v in args.size.lower().split("x"))
     if args.child:
-        child(args.child, args.seconds)
+        child(args.child, args.seconds, (width, height))
         return
     pyspy = str(Path(sys.executable).with_name("py-spy"))
     print(f"{'stage':40} {'GIL ms':>8} {'wall ms':>8}")
     total = 0.0
     for name in args.stages.split(","):
-        held, wall = measure(name, args.seconds, pyspy)
+        held, wall = measure(name, args.seconds, pyspy, args.size)
         if name != "resize384":
             total += held
         print(f"{STAGES[name]:40} {held:8.3f} {wall:8.3f}", flush=True)
