@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(30, ge=1, le=512)
     min_new_tokens: int = Field(1, ge=0, le=512)
     torch_threads: int = Field(0, ge=0, le=1024)
+    prepare_workers: int = Field(0, ge=0, le=256)  # 0: by cores and device (pipeline.auto_prepare_workers)
     inference: Literal["local", "queue"] = "local"
     gateway_timeout: float = Field(30, gt=0, le=3600)
     load_wait_seconds: float = Field(300, ge=0, le=86_400)

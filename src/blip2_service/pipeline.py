@@ -52,11 +52,23 @@ class PipelineLimits:
     batch_max_size: int = default("batch_max_size")
     batch_max_wait_s: float = default("batch_max_wait_ms") / 1000.0
     max_pending: int = default("max_pending")
-    # JPEG decode and resize mostly release the GIL: a GPU eats images faster than two threads
-    # decode them, but every extra thread also competes with the launch-bound decode loop for the
-    # GIL, and on a 2-core CPU more threads would only fight torch's.
-    prepare_workers: int = field(default_factory=lambda: max(2, min(4, (os.cpu_count() or 2) // 2)))
+    prepare_workers: int = field(default_factory=lambda: auto_prepare_workers(on_gpu=False))
     finish_workers: int = 2
+
+
+def auto_prepare_workers(*, on_gpu: bool, cpus: int | None = None) -> int:
+    """Threads that decode, hash, resize and thumbnail (PREPARE_WORKERS=0).
+
+    They hold the GIL for 5-10 % of their time (bench/gil_cost.py), so they scale with cores.
+    Beside a GPU the cores are otherwise idle, and a 12 MP photo costs ~130 ms of them (decode,
+    exact resize, thumbnail): four threads would cap a GPU host near 30 such photos a second, so
+    take all but two cores (the event loop and the inference thread). Beside a model on the CPU,
+    torch wants the cores: at most four, half of them.
+    """
+    cpus = cpus or os.cpu_count() or 2
+    if on_gpu:
+        return max(2, min(32, cpus - 2))
+    return max(2, min(4, cpus // 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,4 +484,4 @@ def _chain(source: Future[list[str]], target: Future[list[str]]) -> None:
         target.set_result(source.result())
 
 
-__all__ = ["CaptionPipeline", "PipelineLimits", "TransientError"]
+__all__ = ["CaptionPipeline", "PipelineLimits", "TransientError", "auto_prepare_workers"]

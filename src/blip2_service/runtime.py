@@ -28,7 +28,7 @@ from .fetching import UrlFetcher
 from .http_api.app import make_app
 from .http_api.context import HttpContext
 from .metrics import Metrics
-from .pipeline import CaptionPipeline, PipelineLimits
+from .pipeline import CaptionPipeline, PipelineLimits, auto_prepare_workers
 from .store import CaptionRepository, make_engine
 from .store.migrate import upgrade_when_reachable
 
@@ -83,6 +83,10 @@ class Runtime:
                 batch_max_size=settings.batch_max_size,
                 batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
                 max_pending=settings.max_pending,
+                prepare_workers=settings.prepare_workers
+                or auto_prepare_workers(
+                    on_gpu=settings.inference == "local" and device_hint(settings.device).startswith("cuda")
+                ),
             ),
             metrics=self.metrics,
         )

@@ -88,3 +88,25 @@ def test_min_tokens_over_max_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("MIN_NEW_TOKENS", "50")
     with pytest.raises(ConfigError, match="MIN_NEW_TOKENS=50 exceeds MAX_NEW_TOKENS=30"):
         load_settings()
+
+
+def test_prepare_workers_scale_with_cores_beside_a_gpu_and_stay_few_beside_a_cpu_model() -> None:
+    from blip2_service.pipeline import auto_prepare_workers
+
+    # Beside a GPU the cores are idle: all but two (event loop, inference thread).
+    assert [auto_prepare_workers(on_gpu=True, cpus=n) for n in (2, 4, 16, 64)] == [2, 2, 14, 32]
+    # Beside a model on the CPU, torch wants the cores.
+    assert [auto_prepare_workers(on_gpu=False, cpus=n) for n in (2, 4, 16, 64)] == [2, 2, 4, 4]
+
+
+def test_prepare_workers_setting_reaches_the_pipeline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from blip2_service.pipeline import auto_prepare_workers
+    from blip2_service.runtime import Runtime
+
+    _clean_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/p.db")
+    monkeypatch.setenv("AUTO_UPDATE", "false")
+    monkeypatch.setenv("DEVICE", "cpu")
+    assert Runtime(load_settings()).pipeline.limits.prepare_workers == auto_prepare_workers(on_gpu=False)
+    monkeypatch.setenv("PREPARE_WORKERS", "7")
+    assert Runtime(load_settings()).pipeline.limits.prepare_workers == 7
