@@ -49,14 +49,14 @@ from http_load import _free_port
 STAGES = ("decode", "lookup", "preprocess", "thumbnail", "wait", "infer", "emoji", "store")
 
 
-def _jpegs(n: int) -> list[bytes]:
-    """640x480 photo-like JPEGs (smooth content, ~50 KB), decoded and resized like real uploads."""
+def _jpegs(n: int, size: tuple[int, int] = (640, 480)) -> list[bytes]:
+    """Photo-like JPEGs (smooth content; ~50 KB at 640x480, ~3 MB at 4000x3000)."""
     out = []
     for i in range(n):
         rng = np.random.default_rng(i)
         small = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
         buf = io.BytesIO()
-        small.resize((640, 480), Image.BILINEAR).save(buf, format="JPEG", quality=88)
+        small.resize(size, Image.BILINEAR).save(buf, format="JPEG", quality=88)
         out.append(buf.getvalue())
     return out
 
@@ -372,6 +372,8 @@ def run_inprocess(args: argparse.Namespace, beams: int, base: list[bytes]) -> di
         captioner.preprocess(decode_image(b, max_file_size=1 << 26, max_image_pixels=1 << 28).image) for b in base
     ]
     gen = settings.generation()
+    while len(pixels) < batch:  # few large base images: repeat them up to one full batch
+        pixels = pixels + pixels[: batch - len(pixels)]
     chunks = [pixels[i : i + batch] for i in range(0, len(pixels) - batch + 1, batch)] or [pixels[:batch]]
     captioner.caption_batch(chunks[0], [gen] * len(chunks[0]))
     one = [captioner.caption_batch(pixels[:1], [gen]) for _ in range(1)]
@@ -416,10 +418,12 @@ def main() -> None:
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--no-inprocess", action="store_true")
     parser.add_argument("--gil", action="store_true", help="py-spy --gil on the server during the load")
+    parser.add_argument("--image-size", default="640x480", help="the JPEGs' width x height (a phone photo: 4000x3000)")
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/blip2-bench/data"))
     args = parser.parse_args()
 
-    base = _jpegs(128)
+    width, height = (int(v) for v in args.image_size.lower().split("x"))
+    base = _jpegs(128 if width * height <= 1_000_000 else 16, (width, height))
     images = Images(base)
     sampler = GpuSampler()
     results = []
