@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from .batching import MicroBatcher
@@ -167,21 +168,9 @@ class CaptionPipeline:
         outer.add_done_callback(self._release)
         started = time.perf_counter()
         arrived = self._on_its_way.expect()
-        self._prepare.submit(self._guard, outer, self._prepare_then_count, request, captioner, outer, started, arrived)
+        stage = partial(self._prepare_stage, request, captioner, outer, started, arrived)
+        self._prepare.submit(self._guard, outer, _then, stage, arrived)
         return outer
-
-    def _prepare_then_count(
-        self,
-        request: CaptionRequest,
-        captioner: Captioner,
-        outer: Future[CaptionResult],
-        started: float,
-        arrived: Callable[[], None],
-    ) -> None:
-        try:
-            self._prepare_stage(request, captioner, outer, started, arrived)
-        finally:
-            arrived()
 
     def ensure_ready(self) -> Captioner:
         """The captioner, or `ModelNotReady`/`Overloaded`: lets a door refuse before reading input."""
@@ -470,6 +459,14 @@ class _OnItsWay:
                     self._count -= 1
 
         return arrived
+
+
+def _then(work: Callable[[], None], finally_: Callable[[], None]) -> None:
+    """`work()`, then `finally_()` however it ended (an image stops counting as on its way)."""
+    try:
+        work()
+    finally:
+        finally_()
 
 
 def _sighting(request: CaptionRequest) -> Sighting:
