@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import multiprocessing
 import random
@@ -26,8 +25,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
+
+from gpu_serve import _jpegs
 
 RATE = 1000  # py-spy samples per second
 LIMITS = {"max_file_size": 50 << 20, "max_image_pixels": 100_000_000}
@@ -43,15 +43,6 @@ STAGES = {
     "body": "JSON body (success_body + dumps)",
     "http": "HTTP: aiohttp, 50 KB POST -> JSON",
 }
-
-
-def jpeg(seed: int, size: tuple[int, int] = (640, 480)) -> bytes:
-    """A photo-like JPEG (smooth content) of `size`."""
-    rng = np.random.default_rng(seed)
-    small = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    small.resize(size, Image.BILINEAR).save(buf, format="JPEG", quality=88)
-    return buf.getvalue()
 
 
 class _Processor:
@@ -88,7 +79,7 @@ def _stage(name: str, size: tuple[int, int]) -> Callable[[], object]:
     from blip2_service.store import CaptionRepository, ImageInfo, NewCaption, Sighting, make_engine, upgrade
 
     torch.set_num_threads(1)
-    images = [jpeg(i, size) for i in range(16 if size == (640, 480) else 2)]
+    images = _jpegs(16 if size == (640, 480) else 2, size)
     decoded = decode_image(images[0], **LIMITS)
     table = load_bundled()
     mapper = EmojiMapper(table.table, table.stopwords)
@@ -189,7 +180,7 @@ def _serve_http(seconds: float) -> int:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        client = multiprocessing.get_context("spawn").Process(target=_client, args=(port, 200.0, seconds, jpeg(0)))
+        client = multiprocessing.get_context("spawn").Process(target=_client, args=(port, 200.0, seconds, _jpegs(1)[0]))
         client.start()
         while client.is_alive():
             await asyncio.sleep(0.05)

@@ -131,11 +131,10 @@ class GilSampler:
         self.out = out
         self.error: str | None = None
         self.proc: subprocess.Popen[str] | None = None
-        exe = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
-        for site in os.environ.get("PYTHONPATH", "").split(":"):
-            candidate = Path(site, "bin", "py-spy")
-            if exe is None and site and candidate.exists():
-                exe = str(candidate)
+        # On PATH, beside this Python (a venv), or where gpu.sh installs the wheels (PYTHONPATH/bin).
+        beside = [str(Path(sys.executable).parent)]
+        beside += [str(Path(site, "bin")) for site in os.environ.get("PYTHONPATH", "").split(":") if site]
+        exe = shutil.which("py-spy") or shutil.which("py-spy", path=os.pathsep.join(beside))
         if exe is None:
             self.error = "py-spy not installed"
             return
