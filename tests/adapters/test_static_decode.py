@@ -13,6 +13,7 @@ import dataclasses
 import io
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from blip2_service.captioner.static_decode import (
     compile_enabled,
     effective_buckets,
     make_decoder,
+    prepare_compiling_thread,
     unsupported_reason,
 )
 from blip2_service.domain import GenerationSettings
@@ -185,15 +187,22 @@ def test_cross_attention_step_compiles_whole(name: str, data_dir: Path) -> None:
 def test_after_warm_up_no_batch_compiles_anything(name: str, beams: int, data_dir: Path) -> None:
     """On a GPU a new graph is seconds of compiling and recording inside someone's request: after
     warm-up, batches of every size up to the largest bucket (padded or not), with or without a
-    prompt, must all run graphs recorded at start."""
+    prompt, must all run graphs recorded at start. And the warm-up itself traces each compiled
+    stage (image encoder, prefill, step) at most twice, however many buckets: once for size 1,
+    which dynamo always specialises, once for every size from 2 up (it compiled the first size
+    as a constant and again at the second, a whole model's trace and lowering more at start-up)."""
+    import torch
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # graphs compiled by earlier tests for another model of these shapes would serve this one
     loaded = load_model(name, data_dir=data_dir, dtype="float32", device="cpu")
     decoder = make_decoder(loaded, mode="on", buckets=(1, 2, 4), batch_max_size=4, max_new_tokens=6)
     captioner = Captioner(loaded, decoder=decoder)
     default = GenerationSettings(num_beams=beams, max_new_tokens=6)
+    before_warm_up = counters["stats"]["unique_graphs"]
     captioner.warm_up(default)
     graphs = counters["stats"]["unique_graphs"]
+    assert 0 < graphs - before_warm_up <= 2 * 3
     pixels = _pixels(captioner, 4, start=210)
     for size in (1, 2, 3, 4, 3):
         captioner.caption_batch(pixels[:size], [default] * size)
@@ -281,6 +290,25 @@ def test_compiled_graphs_run_on_one_thread_whoever_calls(
     import torch
 
     assert captioner._on_owner(lambda: torch._dynamo.config.recompile_limit) >= 64
+    # And CUDA graph trees of its own (next test).
+    from torch._inductor import cudagraph_trees
+
+    assert captioner._on_owner(lambda: hasattr(cudagraph_trees.local, "tree_manager_containers"))
+
+
+def test_every_compiling_thread_has_cuda_graph_trees_of_its_own() -> None:
+    """torch 2.11 (the GPU image's) kept the graph trees' state only on the thread that imported
+    them: a second captioner's thread (gpu_check's beam pass, gpu_serve's beam figure) failed an
+    assertion at its first recording (pytorch#123177). What 2.11 reads is the thread's own attribute."""
+    from torch._inductor import cudagraph_trees
+
+    def state() -> Any:
+        prepare_compiling_thread()
+        return getattr(cudagraph_trees.local, "tree_manager_containers", None)
+
+    with ThreadPoolExecutor(1) as first, ThreadPoolExecutor(1) as second:
+        mine, theirs = first.submit(state).result(), second.submit(state).result()
+    assert isinstance(mine, dict) and isinstance(theirs, dict) and mine is not theirs
 
 
 async def test_health_says_warming_until_every_bucket_is_ready(

@@ -23,7 +23,15 @@ from PIL import Image
 from ..domain import BadInput, GenerationSettings
 from .loading import LoadedModel
 from .pixels import PixelPrep
-from .static_decode import DecodeInputs, StaticDecoder, TokenRules, allow_recompiles, pad_rows, unsupported_reason
+from .static_decode import (
+    DecodeInputs,
+    StaticDecoder,
+    TokenRules,
+    dynamic_rows,
+    pad_rows,
+    prepare_compiling_thread,
+    unsupported_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +65,7 @@ class Captioner:
             mode = "reduce-overhead" if loaded.device.type == "cuda" else "default"
             self._encode_fn = torch.compile(self._encode_images, mode=mode, fullgraph=True)
             self._text_encode_fn = torch.compile(self._encode_text, mode=mode, fullgraph=True)
-            self._owner = ThreadPoolExecutor(1, thread_name_prefix="decode", initializer=allow_recompiles)
+            self._owner = ThreadPoolExecutor(1, thread_name_prefix="decode", initializer=prepare_compiling_thread)
         self._generation_config = loaded.model.generation_config
         self._image_token_ids: list[int] = []
         if loaded.kind == "blip2":
@@ -247,7 +255,8 @@ class Captioner:
         pixel_values = inputs["pixel_values"]
         batch = pixel_values.shape[0]
         device = pixel_values.device
-        image = self._encode_fn(pixel_values).clone()  # a copy: the next replay overwrites a graph's output
+        # A copy: the next replay overwrites a graph's output.
+        image = self._encode_fn(dynamic_rows(pixel_values)).clone()
         if self.loaded.kind == "blip":
             image_mask = torch.ones(image.shape[:2], dtype=torch.long, device=device)
             text = model.config.text_config
@@ -274,6 +283,7 @@ class Captioner:
         # T5's encoder is recorded for the unprompted caption's length; prompts of other lengths run
         # it eagerly rather than record a graph each.
         recorded = self.decoder is not None and embeds.shape[1] == self._unprompted_source_len
+        dynamic_rows(embeds, mask)
         encoded = (self._text_encode_fn if recorded else self._encode_text)(embeds, mask).clone()
         start = model.language_model.generation_config.decoder_start_token_id
         if start is None:

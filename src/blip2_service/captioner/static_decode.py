@@ -101,6 +101,22 @@ def pad_rows(tensor: Any, rows: int) -> Any:
     return tensor.clone() if extra <= 0 else torch.cat([tensor, tensor[:1].expand(extra, *tensor.shape[1:])])
 
 
+def dynamic_rows(*tensors: Any) -> Any:
+    """Mark dimension 0 (rows) of each tensor dynamic for the compiler; returns the first.
+
+    Left to itself, dynamo compiles the first batch size it meets as a constant and compiles again,
+    with the size symbolic, at the second: a whole trace and lowering of the model more at start-up
+    than needed (size 1 it always compiles apart). Marked before every compiled call, every bucket
+    from 2 up shares one graph from the first. A dimension of 1 is left alone (`maybe_`).
+    """
+    import torch
+
+    for tensor in tensors:
+        if tensor is not None:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    return tensors[0]
+
+
 @dataclass(frozen=True, slots=True)
 class TokenRules:
     """What the three supported logits processors and the stopping criteria need to know."""
@@ -242,13 +258,14 @@ class StaticDecoder:
                 slot.encoder_mask.zero_()
                 slot.encoder_mask[:, :source_len] = inputs.encoder_mask
             prefill = self._step_fn if prompt_len == self.prefill_len else self._forward
+            dynamic_rows(inputs.mask, inputs.embeds, inputs.ids, positions, mask)
             logits = prefill(
                 slot.cache, inputs.ids, positions, mask, slot.states, slot.encoder_mask, embeds=inputs.embeds
             )
             # Always a copy (`.float()` is none in float32): a graph's output is overwritten by its next replay.
             logits = logits.to(torch.float32, copy=True)
             next_position = inputs.mask.long().sum(-1, keepdim=True)  # where the first new token sits
-            tokens_buffer = torch.empty((rows, 1), dtype=torch.long, device=self.device)
+            tokens_buffer = dynamic_rows(torch.empty((rows, 1), dtype=torch.long, device=self.device))
             state = _State(slot, mask, next_position, prompt_len, tokens_buffer)
             if num_beams > 1:
                 tokens = self._beam(state, logits, rules, bucket, num_beams, max_new_tokens, min_new_tokens)
@@ -300,7 +317,7 @@ class StaticDecoder:
     def _step(self, state: _State, tokens: Any, t: int) -> Any:
         import torch
 
-        positions = state.next_position + (t - 1)
+        positions = dynamic_rows(state.next_position + (t - 1))
         # Copied into one buffer: a strided view would fail the compiled graph's guards and recompile it.
         state.tokens.copy_(tokens.reshape(-1, 1))
         slot = state.slot
@@ -479,6 +496,7 @@ class StaticDecoder:
         states, encoder_mask = largest.states[:rows], largest.encoder_mask[:rows]
         torch._dynamo.mark_static_address(states)
         torch._dynamo.mark_static_address(encoder_mask)
+        dynamic_rows(states, encoder_mask)
         cache = EncoderDecoderCache(own, self._view_cache(largest.cross_kv, rows))
         return _Slot(largest.self_kv[:, :, :rows], largest.cross_kv[:, :, :rows], states, encoder_mask, cache)
 
@@ -516,6 +534,7 @@ class StaticDecoder:
             layer.batch_size = rows
             torch._dynamo.mark_static_address(layer.keys)
             torch._dynamo.mark_static_address(layer.values)
+            dynamic_rows(layer.keys, layer.values)
         return cache
 
 
@@ -557,6 +576,12 @@ def effective_buckets(buckets: Sequence[int], batch_max_size: int) -> tuple[int,
     return tuple(kept)
 
 
+def prepare_compiling_thread() -> None:
+    """Set up the thread that compiles and replays the graphs (run first on it, as its initializer)."""
+    allow_recompiles()
+    own_graph_trees()
+
+
 def allow_recompiles() -> None:
     """Let dynamo record one graph per bucket, beam width and stage: more than its default of 8.
 
@@ -568,6 +593,28 @@ def allow_recompiles() -> None:
     for limit in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
         if hasattr(dynamo, limit):
             setattr(dynamo, limit, max(64, getattr(dynamo, limit)))
+
+
+def own_graph_trees() -> None:
+    """Give this thread CUDA graph trees of its own, as torch 2.13 does lazily for any thread.
+
+    Up to torch 2.12 (the GPU image has 2.11) the trees' state lived only on the thread that first
+    imported them, and any other thread's first recording failed an assertion (pytorch#123177):
+    the second captioner in one process (a benchmark's greedy, then beam) could not record a graph.
+    """
+    import threading
+    from collections import defaultdict
+
+    from torch._inductor import cudagraph_trees as trees
+
+    if hasattr(trees.local, "tree_manager_containers"):
+        return
+    initialize = getattr(trees, "_initialize_tls", None)
+    if initialize is not None:
+        initialize(trees.local)
+    else:  # what torch 2.13's _initialize_tls does, for the versions before it
+        trees.local.tree_manager_containers = {}
+        trees.local.tree_manager_locks = defaultdict(threading.Lock)
 
 
 def compile_enabled(mode: str, device: Any) -> bool:
