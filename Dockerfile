@@ -33,6 +33,9 @@ CMD ["serve"]
 FROM base AS cuda
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# What COMPILE compiled at start-up (minutes for BLIP-2 on a first start) kept on the data volume:
+# a re-created container, or a second worker sharing the volume, finds it there.
+ENV TORCHINDUCTOR_CACHE_DIR=/data/compile-cache
 RUN --mount=type=secret,id=extra_ca \
     if [ -s /run/secrets/extra_ca ]; then export PIP_CERT=/run/secrets/extra_ca; fi; \
     pip install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX" && pip install -q . && rm -rf /app/build

@@ -17,7 +17,7 @@ cost, new sha256), so nothing is answered from the store.
   GPU:  python bench/gpu_serve.py --model full-random --dtype float16 --tokens 20
   CPU check of the script itself (minutes):  .venv/bin/python bench/gpu_serve.py --model tiny-random \\
         --device cpu --clients 16 --seconds 10 --batch-max 8
-Writes a JSON summary to $OUT/gpu_serve.json when OUT is set.
+Writes a JSON summary to $OUT/gpu_serve-MODEL-DECODES.json when OUT is set, after every row.
 """
 
 from __future__ import annotations
@@ -425,16 +425,25 @@ def main() -> None:
     base = _jpegs(128 if width * height <= 1_000_000 else 16, (width, height))
     images = Images(base)
     sampler = GpuSampler()
-    results = []
+    results: list[dict[str, Any]] = []
+
+    def record(row: dict[str, Any]) -> None:
+        """Printed and written as soon as measured: a step cut short by its time limit keeps what it had."""
+        print(json.dumps(row), flush=True)
+        if os.environ.get("OUT"):
+            name = f"gpu_serve-{args.model}-{args.decode.replace(',', '-')}.json"
+            Path(os.environ["OUT"], name).write_text(json.dumps(results, indent=2))
+
     try:
         for name in args.decode.split(","):
             beams = 5 if name.strip() == "beam" else 1
             row = run_server(args, beams, images, sampler)
+            results.append(row)
+            record(row)
             if not args.no_inprocess:
                 row.update(run_inprocess(args, beams, base))
                 row["http_share_of_inprocess"] = round(row["load_images_per_s"] / row["inprocess_images_per_s"], 3)
-            results.append(row)
-            print(json.dumps(row), flush=True)
+                record(row)
     finally:
         sampler.close()
     for row in results:
@@ -457,8 +466,6 @@ def main() -> None:
                 else row.get("gil_error", "not measured (--gil)")
             )
         )
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_serve.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
