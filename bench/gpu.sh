@@ -77,11 +77,11 @@ for s in $STEPS; do
     serve) run serve 560 "${SERVE[@]}" --decode greedy,beam ;;
     check-opt) run check-opt 150 bench/gpu_check.py --device "$DEVICE" --models tiny-random ;;
     check) run check 240 bench/gpu_check.py --device "$DEVICE" ;;
-    profile) run profile 300 bench/generate_profile.py --model full-random --device cuda --dtypes float16 \
+    profile) run profile 300 bench/generate_profile.py --model "$MODEL" --device "$DEVICE" --dtypes "$DTYPE" \
       --batches 1,16,64 --compile --profile-rows 0 ;;
-    profile-blip) run profile-blip 240 bench/generate_profile.py --model blip-large-random --device cuda \
-      --dtypes float16 --batches 1,16 --compile --profile-rows 0 ;;
-    blip) run blip 300 bench/gpu_serve.py --model blip-large-random --device cuda --dtype float16 --tokens 20 \
+    profile-blip) run profile-blip 240 bench/generate_profile.py --model blip-large-random --device "$DEVICE" \
+      --dtypes "$DTYPE" --batches 1,16 --compile --profile-rows 0 ;;
+    blip) run blip 300 bench/gpu_serve.py --model blip-large-random --device "$DEVICE" --dtype "$DTYPE" --tokens 20 \
       --decode greedy --clients 16 --seconds 5 --single 20 --batch-max 16 --no-inprocess ;;
     greedy) step greedy 150 --model full-random --device cuda --dtype float16 --decode greedy \
       --tokens 20 --seed-images 8 --batches 1,8,16,32,64 --images 64 --show-batches ;;

@@ -258,7 +258,7 @@ class StaticDecoder:
                 slot.encoder_mask.zero_()
                 slot.encoder_mask[:, :source_len] = inputs.encoder_mask
             prefill = self._step_fn if prompt_len == self.prefill_len else self._forward
-            dynamic_rows(inputs.mask, inputs.embeds, inputs.ids, positions, mask)
+            dynamic_rows(inputs.embeds, inputs.ids, positions, mask)
             logits = prefill(
                 slot.cache, inputs.ids, positions, mask, slot.states, slot.encoder_mask, embeds=inputs.embeds
             )
