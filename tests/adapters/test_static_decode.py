@@ -9,6 +9,7 @@ near-tie the other way; transformers' own static-cache `generate` does the same.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import io
 import threading
@@ -352,3 +353,46 @@ async def test_health_says_warming_until_every_bucket_is_ready(
     finally:
         release.set()
         await loop.run_in_executor(None, runtime.stop)
+
+
+@pytest.mark.parametrize(
+    ("name", "calls", "regions"),
+    # Four layers a stack. BLIP-2: ViT 4 calls of 1 region, Q-Former 2 + 2 (its layers with and without
+    # cross-attention). BLIP: ViT 4 of 1.
+    [("tiny-random", 8, 3), ("tiny-random-blip", 4, 1)],
+)
+def test_encoder_layers_are_compiled_once_per_kind_of_layer(
+    name: str, calls: int, regions: int, data_dir: Path
+) -> None:
+    """Start-up grows with depth: every layer of BLIP-2's 39-layer ViT and 12-layer Q-Former was traced
+    and lowered again. Marked as repeated regions, a stack's layers call one compiled region per kind
+    of layer, and the image encoder still gives exactly the eager embeddings."""
+    import torch
+
+    loaded = load_model(name, data_dir=data_dir, dtype="float32", device="cpu")
+    config = copy.deepcopy(loaded.model.config)
+    config.vision_config.num_hidden_layers = 4
+    if hasattr(config, "qformer_config"):
+        config.qformer_config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    deeper = dataclasses.replace(loaded, model=type(loaded.model)(config).eval())
+    decoder = make_decoder(deeper, mode="on", buckets=(1, 2), batch_max_size=2, max_new_tokens=4)
+    captioner = Captioner(deeper, decoder=decoder)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep(graph: torch.fx.GraphModule, _inputs: Any) -> Any:
+        graphs.append(graph)
+        return graph.forward
+
+    pixels = captioner.pixels.batch(_pixels(captioner, 2, start=230))
+
+    def encoded(encode: Callable[[Any], Any]) -> Any:
+        with torch.inference_mode():
+            return encode(pixels)
+
+    compiled = torch.compile(captioner._encode_images, backend=keep, fullgraph=True)
+    # compiled where the captioner compiles: on its thread, with its settings
+    assert torch.equal(captioner._on_owner(encoded, compiled), encoded(captioner._encode_images))
+    invoked = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(invoked) == calls
+    assert len({str(n.args[0].target) for n in invoked}) == regions

@@ -23,6 +23,7 @@ from PIL import Image
 from ..domain import BadInput, GenerationSettings
 from .loading import LoadedModel
 from .pixels import PixelPrep
+from .regions import compile_layers_once
 from .static_decode import (
     DecodeInputs,
     StaticDecoder,
@@ -63,6 +64,7 @@ class Captioner:
             import torch
 
             mode = "reduce-overhead" if loaded.device.type == "cuda" else "default"
+            compile_layers_once(*self._encoders())
             self._encode_fn = torch.compile(self._encode_images, mode=mode, fullgraph=True)
             self._text_encode_fn = torch.compile(self._encode_text, mode=mode, fullgraph=True)
             self._owner = ThreadPoolExecutor(1, thread_name_prefix="decode", initializer=prepare_compiling_thread)
@@ -236,6 +238,16 @@ class Captioner:
         new = torch.nn.utils.rnn.pad_sequence(outputs, batch_first=True, padding_value=rules.pad)
         # BLIP's generate returns its prompt (BOS first) before the new tokens; the caller strips it.
         return torch.cat([torch.cat(prompts), new], dim=1) if self.loaded.kind == "blip" else new
+
+    def _encoders(self) -> list[Any]:
+        """The modules compiled into the image encoding whose layers can share compiled code.
+
+        The vision tower and the Q-Former: their layers write to no cache and return none of their
+        inputs. (T5's encoder blocks hand their position bias on as they got it, which a compiled
+        region may not: it stays inline.)
+        """
+        model = self._model
+        return [model.vision_model, model.qformer] if self.loaded.kind == "blip2" else [model.vision_model]
 
     def _encode_images(self, pixel_values: Any) -> Any:
         """The image as the language side reads it: BLIP's patch embeddings, BLIP-2's projected queries."""

@@ -467,13 +467,14 @@ class StaticDecoder:
     def _reorder(self, state: _State, index: Any, filled: int) -> None:
         """Beam reordering in place, over the filled positions of every layer at once.
 
-        Every layer's keys and values are views of one tensor, so this is two launches per step
-        (it was two per layer: 128 for OPT-2.7b, bench/launch_count.py), moving only what is
+        Every layer's keys are views of one tensor and its values of another, so this is four
+        launches per step (it was two per layer: 128 for OPT-2.7b, bench/launch_count.py), moving only what is
         filled; in place, so the recorded step keeps reading the same memory. Self-attention only:
         every beam of an image attends to the same encoder states.
         """
-        kv = state.slot.self_kv[..., :filled, :]
-        kv.copy_(kv.index_select(2, index))
+        for shared in state.slot.self_kv:
+            kv = shared[..., :filled, :]
+            kv.copy_(kv.index_select(1, index))
 
     def _slot(self, rows: int) -> _Slot:
         """The caches (and encoder buffers) for `rows` rows: views of one allocation for the largest."""
@@ -490,7 +491,7 @@ class StaticDecoder:
 
         own = self._view_cache(largest.self_kv, rows)
         if largest.cross_kv is None:
-            return _Slot(largest.self_kv[:, :, :rows], cache=own)
+            return _Slot(_first(largest.self_kv, rows), cache=own)
         from transformers.cache_utils import EncoderDecoderCache
 
         states, encoder_mask = largest.states[:rows], largest.encoder_mask[:rows]
@@ -498,7 +499,7 @@ class StaticDecoder:
         torch._dynamo.mark_static_address(encoder_mask)
         dynamic_rows(states, encoder_mask)
         cache = EncoderDecoderCache(own, self._view_cache(largest.cross_kv, rows))
-        return _Slot(largest.self_kv[:, :, :rows], largest.cross_kv[:, :, :rows], states, encoder_mask, cache)
+        return _Slot(_first(largest.self_kv, rows), _first(largest.cross_kv, rows), states, encoder_mask, cache)
 
     def _allocate_slot(self, rows: int) -> _Slot:
         import torch
@@ -513,24 +514,28 @@ class StaticDecoder:
             torch.zeros(*source, dtype=torch.long, device=self.device),
         )
 
-    def _allocate(self, rows: int, length: int) -> Any:
-        """[layer, key/value, row, head, position, dim]: one tensor, so one op reorders every layer."""
+    def _allocate(self, rows: int, length: int) -> tuple[Any, Any]:
+        """Keys and values, each [layer, row, head, position, dim]: one op reorders every layer's.
+
+        Two tensors, not one: a layer's keys and values are handed to its compiled region together,
+        and a region's inputs must not share memory.
+        """
         import torch
 
-        shape = (self._layers, 2, rows, self._heads, length, self._head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        shape = (self._layers, rows, self._heads, length, self._head_dim)
+        return tuple(torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2))
 
     def _view_cache(self, shared: Any, rows: int) -> Any:
         """A cache of static layers whose tensors are the first `rows` rows of `shared`."""
         import torch
         from transformers.cache_utils import Cache, StaticLayer
 
-        length = shared.shape[4]
-        cache = Cache(layers=[StaticLayer(max_cache_len=length) for _ in range(self._layers)])
+        keys, values = shared
+        cache = Cache(layers=[StaticLayer(max_cache_len=keys.shape[3]) for _ in range(self._layers)])
         cache.early_initialization(1, self._heads, self._head_dim, self.dtype, self.device)
         for index, layer in enumerate(cache.layers):
-            layer.keys = shared[index, 0, :rows]
-            layer.values = shared[index, 1, :rows]
+            layer.keys = keys[index, :rows]
+            layer.values = values[index, :rows]
             layer.batch_size = rows
             torch._dynamo.mark_static_address(layer.keys)
             torch._dynamo.mark_static_address(layer.values)
@@ -538,9 +543,14 @@ class StaticDecoder:
         return cache
 
 
+def _first(shared: tuple[Any, Any], rows: int) -> tuple[Any, Any]:
+    """The first `rows` rows of keys and values [layer, row, ...]: views, no copy."""
+    return shared[0][:, :rows], shared[1][:, :rows]
+
+
 @dataclass(slots=True)
 class _Slot:
-    """One row count's memory: self-attention keys and values [layer, k/v, row, head, position, dim]
+    """One row count's memory: self-attention keys and values, each [layer, row, head, position, dim]
     (beams reorder them), and for cross-attention decoders the encoder's keys and values and the
     encoder states and mask the captured step reads. `cache` is what the model is handed."""
 
@@ -552,7 +562,7 @@ class _Slot:
 
     @property
     def rows(self) -> int:
-        return int(self.self_kv.shape[2])
+        return int(self.self_kv[0].shape[1])
 
 
 @dataclass(slots=True)
@@ -579,6 +589,7 @@ def effective_buckets(buckets: Sequence[int], batch_max_size: int) -> tuple[int,
 def prepare_compiling_thread() -> None:
     """Set up the thread that compiles and replays the graphs (run first on it, as its initializer)."""
     allow_recompiles()
+    specialize_floats()
     own_graph_trees()
 
 
@@ -593,6 +604,19 @@ def allow_recompiles() -> None:
     for limit in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
         if hasattr(dynamo, limit):
             setattr(dynamo, limit, max(64, getattr(dynamo, limit)))
+
+
+def specialize_floats() -> None:
+    """Compile float arguments and module attributes as constants, never as graph inputs.
+
+    Dynamo remembers, per function across every model in the process (and in its on-disk profile),
+    a float that once had another value, and from then on passes it in as a symbolic input: a
+    Flan-T5 model's vision layers (eps 1e-6) after an OPT one's (1e-5), say. A compiled region
+    (`regions.py`) takes only tensors and integers, and failed to build. Per thread, like the rest.
+    """
+    import torch
+
+    torch._dynamo.config.specialize_float = True
 
 
 def own_graph_trees() -> None:
