@@ -26,7 +26,9 @@ from blip2_service.captioner import Captioner, LoadedModel, load_model
 from blip2_service.captioner.holder import ModelHolder
 from blip2_service.captioner.static_decode import (
     PROMPT_ROOM,
+    DecodeInputs,
     StaticDecoder,
+    TokenRules,
     compile_enabled,
     effective_buckets,
     make_decoder,
@@ -396,3 +398,67 @@ def test_encoder_layers_are_compiled_once_per_kind_of_layer(
     invoked = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
     assert len(invoked) == calls
     assert len({str(n.args[0].target) for n in invoked}) == regions
+
+
+def test_opt_layers_split_around_the_cache_write_give_opt_s_own_outputs(tiny_model: LoadedModel) -> None:
+    """BLIP-2 OPT's decoder layers run as two compiled regions with the cache write between them: the
+    split layer must compute what transformers' own layer does, over a prefill and a cached step."""
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    from blip2_service.captioner.regions import compile_opt_layers_once
+
+    original = copy.deepcopy(tiny_model.model.language_model)
+    for layer in original.model.decoder.layers:
+        vars(layer).pop("forward", None)  # transformers' own forward, whatever earlier tests did to the model
+    split = copy.deepcopy(original)
+    assert compile_opt_layers_once(split) == len(split.model.decoder.layers)
+    assert compile_opt_layers_once(split) == 0  # once
+    torch.manual_seed(0)
+    embeds = torch.randn(3, 9, original.config.hidden_size)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, :2] = 0
+    token = torch.tensor([[5], [7], [11]])
+    outputs = []
+    with torch.inference_mode():
+        for model in (original, split):
+            cache = DynamicCache(config=model.config)
+            first = model(inputs_embeds=embeds, attention_mask=mask[:, :9], cache=cache, use_cache=True).logits
+            second = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True).logits
+            outputs.append((first, second))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+
+
+def test_compiled_opt_step_calls_two_regions_for_all_its_layers(tiny_model: LoadedModel) -> None:
+    """The per-token step (and prefill) of BLIP-2 OPT: every layer calls the same two compiled regions."""
+    import torch
+
+    config = copy.deepcopy(tiny_model.model.language_model.config)
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    lm = type(tiny_model.model.language_model)(config).eval()
+    queries = int(tiny_model.model.config.num_query_tokens)
+    decoder = StaticDecoder(lm, buckets=(2,), max_cache_len=queries + 16, prefill_len=queries + 1, compiled=True)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep(graph: torch.fx.GraphModule, _inputs: Any) -> Any:
+        graphs.append(graph)
+        return graph.forward
+
+    eager = StaticDecoder(lm, buckets=(2,), max_cache_len=queries + 16, prefill_len=queries + 1, compiled=False)
+    decoder._step_fn = torch.compile(decoder._forward, backend=keep, fullgraph=True)
+    rules = TokenRules.from_generation_config(tiny_model.model.generation_config)
+    inputs = DecodeInputs(
+        mask=torch.ones(2, queries + 1, dtype=torch.long), embeds=torch.randn(2, queries + 1, config.hidden_size)
+    )
+
+    def run(on: StaticDecoder) -> Any:
+        return on.generate(inputs, rules=rules, num_beams=1, max_new_tokens=6, min_new_tokens=6)
+
+    with ThreadPoolExecutor(1, initializer=prepare_compiling_thread) as compiling:  # as the captioner does
+        assert torch.equal(compiling.submit(run, decoder).result(), run(eager))
+    assert len(graphs) == 2
+    for graph in graphs:  # the prefill's and the step's
+        invoked = [n for n in graph.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+        assert len(invoked) == 2 * 4
+        assert len({str(n.args[0].target) for n in invoked}) == 2

@@ -10,8 +10,9 @@ region used only once is inlined). Outside torch.compile the wrapper does nothin
 
 A region may not write to its inputs nor hand one back. The image encoders' layers do neither and
 are marked whole (`compile_layers_once`). A decoder layer writes its new keys and values into the
-KV cache it is handed; marked whole, every call became a functional copy of its own (no reuse):
-the decoders stay inline, and so does T5's encoder (its blocks hand their position bias on).
+KV cache it is handed; marked whole, every call became a functional copy of its own (no reuse), so
+OPT's layer is split around that write (`compile_opt_layers_once`). BLIP's and T5's decoders and
+T5's encoder (its blocks hand their position bias on) stay inline.
 """
 
 from __future__ import annotations
@@ -52,3 +53,82 @@ def compile_layers_once(*modules: Any) -> int:
                     layer.forward = functools.partial(regions[kind], layer)
                     marked += 1
     return marked
+
+
+def compile_opt_layers_once(language_model: Any) -> int:
+    """BLIP-2 OPT's decoder layers as two compiled regions each, with the cache write between them.
+
+    A decoder layer writes its new keys and values into the cache, which a region may not do
+    (see above); so each layer runs as: region one (layer norm, the query, key and value
+    projections), the cache write in the enclosing graph, region two (attention over the cache,
+    output projection, residual, layer norm, MLP, residual): OPT's own layer, step for step, on its
+    own modules and attention function. Its 32 layers then compile as two regions. Returns how many
+    layers were split: 0 for another model, an OPT that norms after attention (350m), or a torch
+    without regions.
+    """
+    import torch
+
+    mark = getattr(torch.compiler, "nested_compile_region", None)
+    decoder = getattr(getattr(language_model, "model", None), "decoder", None)
+    layers = getattr(decoder, "layers", None)
+    if mark is None or layers is None or type(layers[0]).__name__ != "OPTDecoderLayer":
+        return 0
+    if not all(layer.do_layer_norm_before for layer in layers):
+        return 0
+    projections, attention = mark(_opt_projections), mark(_opt_attention_and_mlp)
+    split = 0
+    for layer in layers:
+        if "forward" not in vars(layer):
+            layer.forward = functools.partial(_opt_layer, layer, projections, attention)
+            split += 1
+    return split
+
+
+def _opt_layer(
+    layer: Any,
+    projections: Any,
+    attention: Any,
+    hidden_states: Any,
+    attention_mask: Any = None,
+    cache: Any = None,
+    past_key_values: Any = None,
+    use_cache: bool | None = False,
+    position_ids: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """`OPTDecoderLayer.forward` (pre-norm, no training) with the cache write outside the regions."""
+    cache = cache if cache is not None else past_key_values
+    query, key, value = projections(layer, hidden_states)
+    if cache is not None:
+        key, value = cache.update(key, value, layer.self_attn.layer_idx, kwargs=kwargs)
+    return attention(layer, hidden_states, query, key, value, attention_mask, position_ids)
+
+
+def _opt_projections(layer: Any, hidden_states: Any) -> tuple[Any, Any, Any]:
+    attn = layer.self_attn
+    batch = hidden_states.shape[0]
+    normed = layer.self_attn_layer_norm(hidden_states)
+
+    def heads(states: Any) -> Any:
+        return states.view(batch, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+    return heads(attn.q_proj(normed) * attn.scaling), heads(attn.k_proj(normed)), heads(attn.v_proj(normed))
+
+
+def _opt_attention_and_mlp(
+    layer: Any, hidden_states: Any, query: Any, key: Any, value: Any, attention_mask: Any, position_ids: Any
+) -> Any:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.opt.modeling_opt import eager_attention_forward
+
+    attn = layer.self_attn
+    batch, length = hidden_states.shape[:2]
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+    attended, _ = interface(
+        attn, query, key, value, attention_mask, dropout=0.0, scaling=1.0, position_ids=position_ids
+    )
+    hidden_states = hidden_states + attn.out_proj(attended.reshape(batch, length, -1).contiguous())
+    shape = hidden_states.shape
+    residual = hidden_states.reshape(-1, hidden_states.size(-1))
+    mlp = layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(residual))))
+    return (residual + mlp).view(shape)

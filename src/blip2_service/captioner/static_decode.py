@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .regions import compile_opt_layers_once
+
 log = logging.getLogger(__name__)
 
 # Generation-config fields whose non-neutral values add logits processors or criteria this loop
@@ -209,6 +211,7 @@ class StaticDecoder:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         if compiled:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            compile_opt_layers_once(model)  # BLIP-2 OPT: its 32 layers compile as two regions
             self._step_fn = torch.compile(self._forward, mode=mode, fullgraph=True)
 
     # -- public ---------------------------------------------------------------------------
