@@ -119,6 +119,24 @@ def dynamic_rows(*tensors: Any) -> Any:
     return tensors[0]
 
 
+def same_rows(rows_of: Any, cache: Any) -> None:
+    """Tell the compiler, before it traces a layer, that every cache tensor has the batch's rows.
+
+    Each cache tensor is marked dynamic on its own and gets a size symbol of its own; the compiler
+    learns they are equal only as it traces each layer's cache write. Until then every layer's
+    compiled region saw other symbols, and torch 2.11 compiled each layer's apart (2.13 matches
+    them anyway). Stated up front, every layer sees one symbol. Checks only: no work at run time.
+    """
+    import torch
+
+    rows = rows_of.shape[0]
+    caches = getattr(cache, "self_attention_cache", cache), getattr(cache, "cross_attention_cache", None)
+    for part in caches:
+        for layer in getattr(part, "layers", ()):
+            torch._check(layer.keys.shape[0] == rows)
+            torch._check(layer.values.shape[0] == rows)
+
+
 @dataclass(frozen=True, slots=True)
 class TokenRules:
     """What the three supported logits processors and the stopping criteria need to know."""
@@ -290,6 +308,7 @@ class StaticDecoder:
         embeds: Any = None,
     ) -> Any:
         """Logits of the last position; the prompt's forward (`embeds` or prompt ids) fills the caches."""
+        same_rows(positions, cache)
         cached = {self._cache_kw: cache, "use_cache": True}
         if self.family == "seq2seq":
             from transformers.modeling_outputs import BaseModelOutput
