@@ -71,7 +71,7 @@ def compile_opt_layers_once(language_model: Any) -> int:
     mark = getattr(torch.compiler, "nested_compile_region", None)
     decoder = getattr(getattr(language_model, "model", None), "decoder", None)
     layers = getattr(decoder, "layers", None)
-    if mark is None or layers is None or type(layers[0]).__name__ != "OPTDecoderLayer":
+    if mark is None or not layers or type(layers[0]).__name__ != "OPTDecoderLayer":
         return 0
     if not all(layer.do_layer_norm_before for layer in layers):
         return 0

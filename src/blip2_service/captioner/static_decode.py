@@ -631,8 +631,8 @@ def allow_recompiles() -> None:
 def specialize_floats() -> None:
     """Compile float arguments and module attributes as constants, never as graph inputs.
 
-    Dynamo remembers, per function across every model in the process (and in its on-disk profile),
-    a float that once had another value, and from then on passes it in as a symbolic input: a
+    Dynamo remembers, per function and across every model in the process, a float that once had
+    another value, and from then on passes it in as a symbolic input: a
     Flan-T5 model's vision layers (eps 1e-6) after an OPT one's (1e-5), say. A compiled region
     (`regions.py`) takes only tensors and integers, and failed to build. Per thread, like the rest.
     """
