@@ -357,6 +357,24 @@ async def test_health_says_warming_until_every_bucket_is_ready(
         await loop.run_in_executor(None, runtime.stop)
 
 
+class _Graphs:
+    """A torch.compile backend that keeps dynamo's graphs (and runs them as traced)."""
+
+    def __init__(self) -> None:
+        self.kept: list[Any] = []
+
+    def keep(self, graph: Any, _inputs: Any) -> Any:
+        self.kept.append(graph)
+        return graph.forward
+
+    def region_calls(self, index: int) -> tuple[int, int]:
+        """(calls of compiled regions, distinct regions called) in the `index`th graph kept."""
+        import torch
+
+        calls = [n for n in self.kept[index].graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+        return len(calls), len({str(n.args[0].target) for n in calls})
+
+
 @pytest.mark.parametrize(
     ("name", "calls", "regions"),
     # Four layers a stack. BLIP-2: ViT 4 calls of 1 region, Q-Former 2 + 2 (its layers with and without
@@ -380,24 +398,17 @@ def test_encoder_layers_are_compiled_once_per_kind_of_layer(
     deeper = dataclasses.replace(loaded, model=type(loaded.model)(config).eval())
     decoder = make_decoder(deeper, mode="on", buckets=(1, 2), batch_max_size=2, max_new_tokens=4)
     captioner = Captioner(deeper, decoder=decoder)
-    graphs: list[torch.fx.GraphModule] = []
-
-    def keep(graph: torch.fx.GraphModule, _inputs: Any) -> Any:
-        graphs.append(graph)
-        return graph.forward
-
+    graphs = _Graphs()
     pixels = captioner.pixels.batch(_pixels(captioner, 2, start=230))
 
     def encoded(encode: Callable[[Any], Any]) -> Any:
         with torch.inference_mode():
             return encode(pixels)
 
-    compiled = torch.compile(captioner._encode_images, backend=keep, fullgraph=True)
+    compiled = torch.compile(captioner._encode_images, backend=graphs.keep, fullgraph=True)
     # compiled where the captioner compiles: on its thread, with its settings
     assert torch.equal(captioner._on_owner(encoded, compiled), encoded(captioner._encode_images))
-    invoked = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
-    assert len(invoked) == calls
-    assert len({str(n.args[0].target) for n in invoked}) == regions
+    assert graphs.region_calls(0) == (calls, regions)
 
 
 def test_opt_layers_split_around_the_cache_write_give_opt_s_own_outputs(tiny_model: LoadedModel) -> None:
@@ -439,14 +450,9 @@ def test_compiled_opt_step_calls_two_regions_for_all_its_layers(tiny_model: Load
     lm = type(tiny_model.model.language_model)(config).eval()
     queries = int(tiny_model.model.config.num_query_tokens)
     decoder = StaticDecoder(lm, buckets=(2,), max_cache_len=queries + 16, prefill_len=queries + 1, compiled=True)
-    graphs: list[torch.fx.GraphModule] = []
-
-    def keep(graph: torch.fx.GraphModule, _inputs: Any) -> Any:
-        graphs.append(graph)
-        return graph.forward
-
+    graphs = _Graphs()
     eager = StaticDecoder(lm, buckets=(2,), max_cache_len=queries + 16, prefill_len=queries + 1, compiled=False)
-    decoder._step_fn = torch.compile(decoder._forward, backend=keep, fullgraph=True)
+    decoder._step_fn = torch.compile(decoder._forward, backend=graphs.keep, fullgraph=True)
     rules = TokenRules.from_generation_config(tiny_model.model.generation_config)
     inputs = DecodeInputs(
         mask=torch.ones(2, queries + 1, dtype=torch.long), embeds=torch.randn(2, queries + 1, config.hidden_size)
@@ -457,8 +463,6 @@ def test_compiled_opt_step_calls_two_regions_for_all_its_layers(tiny_model: Load
 
     with ThreadPoolExecutor(1, initializer=prepare_compiling_thread) as compiling:  # as the captioner does
         assert torch.equal(compiling.submit(run, decoder).result(), run(eager))
-    assert len(graphs) == 2
-    for graph in graphs:  # the prefill's and the step's
-        invoked = [n for n in graph.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
-        assert len(invoked) == 2 * 4
-        assert len({str(n.args[0].target) for n in invoked}) == 2
+    assert len(graphs.kept) == 2
+    for index in range(2):  # the prefill's and the step's
+        assert graphs.region_calls(index) == (2 * 4, 2)

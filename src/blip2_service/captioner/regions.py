@@ -32,9 +32,8 @@ def compile_layers_once(*modules: Any) -> int:
     """
     import torch
 
-    mark = getattr(torch.compiler, "nested_compile_region", None)
+    mark = _region_marker()
     if mark is None:
-        log.info("this torch has no nested_compile_region: every layer is compiled on its own")
         return 0
     regions: dict[type, Any] = {}
     marked = 0
@@ -48,10 +47,7 @@ def compile_layers_once(*modules: Any) -> int:
             kind = kinds.pop()
             if kind not in regions:  # one region per layer class: its compiled code is shared
                 regions[kind] = mark(kind.forward)
-            for layer in stack:
-                if "forward" not in vars(layer):  # marked once, however often asked
-                    layer.forward = functools.partial(regions[kind], layer)
-                    marked += 1
+            marked += _route(stack, regions[kind])
     return marked
 
 
@@ -66,34 +62,52 @@ def compile_opt_layers_once(language_model: Any) -> int:
     layers were split: 0 for another model, an OPT that norms after attention (350m), or a torch
     without regions.
     """
-    import torch
-
-    mark = getattr(torch.compiler, "nested_compile_region", None)
     decoder = getattr(getattr(language_model, "model", None), "decoder", None)
     layers = getattr(decoder, "layers", None)
-    if mark is None or not layers or type(layers[0]).__name__ != "OPTDecoderLayer":
+    if not layers or type(layers[0]).__name__ != "OPTDecoderLayer":
         return 0
     if not all(layer.do_layer_norm_before for layer in layers):
         return 0
-    projections, attention = mark(_opt_projections), mark(_opt_attention_and_mlp)
-    split = 0
+    mark = _region_marker()
+    if mark is None:
+        return 0
+    return _route(
+        layers,
+        functools.partial(_opt_layer, projections=mark(_opt_projections), attention=mark(_opt_attention_and_mlp)),
+    )
+
+
+def _region_marker() -> Any:
+    """torch's `nested_compile_region`, or None (with a line in the log) where this torch has none."""
+    import torch
+
+    mark = getattr(torch.compiler, "nested_compile_region", None)
+    if mark is None:
+        log.info("this torch has no nested_compile_region: every layer is compiled on its own")
+    return mark
+
+
+def _route(layers: Any, forward: Any) -> int:
+    """Make each layer's forward `forward(layer, ...)`; layers already routed are left. Returns how many were."""
+    routed = 0
     for layer in layers:
-        if "forward" not in vars(layer):
-            layer.forward = functools.partial(_opt_layer, layer, projections, attention)
-            split += 1
-    return split
+        if "forward" not in vars(layer):  # once, however often asked
+            layer.forward = functools.partial(forward, layer)
+            routed += 1
+    return routed
 
 
 def _opt_layer(
     layer: Any,
-    projections: Any,
-    attention: Any,
     hidden_states: Any,
     attention_mask: Any = None,
     cache: Any = None,
     past_key_values: Any = None,
     use_cache: bool | None = False,
     position_ids: Any = None,
+    *,
+    projections: Any,
+    attention: Any,
     **kwargs: Any,
 ) -> Any:
     """`OPTDecoderLayer.forward` (pre-norm, no training) with the cache write outside the regions."""

@@ -125,10 +125,13 @@ def same_rows(rows_of: Any, cache: Any) -> None:
     Each cache tensor is marked dynamic on its own and gets a size symbol of its own; the compiler
     learns they are equal only as it traces each layer's cache write. Until then every layer's
     compiled region saw other symbols, and torch 2.11 compiled each layer's apart (2.13 matches
-    them anyway). Stated up front, every layer sees one symbol. Checks only: no work at run time.
+    them anyway). Stated up front, every layer sees one symbol. Only while tracing (the prompted
+    prefill runs eagerly and has nothing to tell): no work at run time.
     """
     import torch
 
+    if not torch.compiler.is_compiling():
+        return
     rows = rows_of.shape[0]
     caches = getattr(cache, "self_attention_cache", cache), getattr(cache, "cross_attention_cache", None)
     for part in caches:
