@@ -25,6 +25,7 @@ from typing import Any
 
 from amqp.exceptions import PreconditionFailed
 from kombu import Connection, Message
+from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.mixins import ConsumerProducerMixin
 
 from .amqp_topology import Topology, connect
@@ -75,6 +76,7 @@ class _Held:
 class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
     name = "queue"
     should_stop: bool = False
+    connect_max_retries = 0  # kombu's connect makes one attempt; `_run` waits between attempts
 
     def __init__(
         self,
@@ -116,6 +118,9 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         self._consumers: list[Any] = []
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
+        conn = self.connection
+        # kombu reports a failed connect as its own OperationalError, a lost one as the transport's.
+        self._broker_errors = (*conn.connection_errors, *conn.channel_errors, KombuOperationalError)
 
     @classmethod
     def from_settings(
@@ -144,11 +149,16 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         self._thread.start()
 
     def _run(self) -> None:
+        """The one consuming loop: kombu's `consume` on one connection, and between connections
+        our backoff, which a stop interrupts (kombu's own `run` would retry inside its connect,
+        2 s rising to 30 s, deaf to a stop: a SIGTERM with the broker down waited a minute)."""
+        attempt = 0
         try:
             while not self.should_stop:
                 try:
                     self._declare_topology()
-                    self.run(safety_interval=0.05)
+                    for _ in self.consume(limit=None, safety_interval=0.05):
+                        pass
                 except PreconditionFailed as exc:
                     # The queue exists with other arguments: retrying cannot help, and every retry
                     # would look like a broker outage. Stop, saying what differs and what to do.
@@ -160,20 +170,22 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
                     log.error("queue consumer stopped: %s", self.last_error)
                     self.should_stop = True
                     return
-                except self.connection.connection_errors as exc:
+                except self._broker_errors as exc:
                     if self._draining:
                         break  # stopping with no broker: unacked messages are redelivered later
-                    self.on_connection_error(exc, self.backoff.first)
-                    self._stop_requested.wait(self.backoff.first)
+                    attempt = 1 if self.state == "connected" else attempt + 1
+                    delay = self.backoff.delay(attempt)
+                    self.on_connection_error(exc, delay)
+                    self._stop_requested.wait(delay)
                 except Exception as exc:
                     self.counts["reconnects"] += 1
-                    # kombu's loop only survives the errors it knows as connection errors; an
-                    # ack or publish on a half-dead connection can raise others. The thread must
-                    # live: start over on a fresh connection (held messages are redelivered).
+                    # An ack or publish on a half-dead connection can raise errors kombu does not
+                    # list as connection errors. The thread must live: start over on a fresh
+                    # connection (held messages are redelivered).
                     self.state = "reconnecting"
                     self.last_error = f"consumer: {type(exc).__name__}: {exc}"
                     log.exception("queue consumer failed; reconnecting")
-                    time.sleep(1.0)
+                    self._stop_requested.wait(self.backoff.first)
         finally:
             if self.state != "failed":
                 self.state = "stopped"
@@ -183,11 +195,14 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         """Declare before consuming: kombu's loop would take a refused declaration for a lost
         connection and retry it forever, where we want to stop with the reason."""
         with self.connection.clone() as conn:
-            conn.ensure_connection(max_retries=1)
+            conn.ensure_connection(max_retries=0)  # one attempt: `_run` owns the waiting
             self.topology.declare(conn.channel())
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop taking messages, finish and ack those in flight, then close."""
+        """Stop taking messages, finish and ack those in flight, then close. Once: a second call
+        returns (its fetch loop is already told to end)."""
+        if self._draining:
+            return
         self._draining = True
         self._stop_requested.set()
         if not self._stopped.wait(timeout):

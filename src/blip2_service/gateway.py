@@ -28,6 +28,7 @@ from kombu import Consumer, Producer, Queue
 
 from .amqp_topology import Topology, connect
 from .domain import CaptionRequest, CaptionResult, EmojiMapping, ModelNotReady, Prediction
+from .retry import WORK, Backoff
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,10 @@ log = logging.getLogger(__name__)
 class QueueGateway:
     name = "gateway"
 
-    def __init__(self, broker_url: str, topology: Topology, *, timeout: float) -> None:
+    def __init__(self, broker_url: str, topology: Topology, *, timeout: float, backoff: Backoff = WORK) -> None:
         self.topology = topology
         self.timeout = timeout
+        self.backoff = backoff
         self._connection = connect(broker_url)
         self._reply_queue = Queue(
             f"blip2.gateway.{socket.gethostname()}.{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True
@@ -52,6 +54,7 @@ class QueueGateway:
         self.workers = 0
         self.state = "connecting"
         self.last_error: str | None = None
+        self.reconnects = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -73,6 +76,7 @@ class QueueGateway:
             "state": self.state,
             "queue": self.topology.queue_name,
             "workers": self.workers,
+            "reconnects": self.reconnects,
             "last_error": self.last_error,
         }
 
@@ -134,19 +138,27 @@ class QueueGateway:
     # -- the AMQP thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Serve one connection at a time; between them wait on the one backoff, still failing
+        overdue requests every second and seeing a stop at once."""
+        attempt = 0
         while not self._stop.is_set():
             try:
                 self._serve()
             except Exception as exc:  # the connection dropped: reconnect, waiting requests time out
+                attempt = 1 if self.state == "connected" else attempt + 1
+                delay = self.backoff.delay(attempt)
+                self.reconnects += 1
                 self.state = "reconnecting"
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("gateway: broker connection lost (%s); reconnecting", exc)
-                self._expire_overdue()
-                self._stop.wait(1.0)
+                log.warning("gateway: broker connection failed (%s); retrying in %.1fs", exc, delay)
+                deadline = time.monotonic() + delay
+                while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                    self._expire_overdue()
+                    self._stop.wait(min(1.0, left))
 
     def _serve(self) -> None:
         with self._connection.clone() as conn:
-            conn.ensure_connection(max_retries=3)
+            conn.ensure_connection(max_retries=0)  # one attempt: `_run` waits, and sees a stop
             channel = conn.channel()
             self.topology.declare(channel)
             producer = Producer(conn.channel())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -601,4 +602,72 @@ async def test_health_names_the_broker_while_the_consumer_cannot_reach_it(
         assert resp.status == 503 and body["broker"] == "down" and "broker" in body["unavailable"]
     finally:
         runtime.stop()
+        proxy.stop()
+
+
+def test_with_the_broker_gone_the_consumer_waits_on_its_own_backoff_and_a_stop_ends_it_at_once(
+    make_pipeline: Callable[..., CaptionPipeline],
+    sqlite_store: CaptionRepository,
+    broker: str,
+    topology: Topology,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """kombu's own reconnect loop waited 2, 4, 6 ... 30 s inside its connect and never looked at a
+    stop: a SIGTERM while RabbitMQ was down hung for the whole in-flight grace period."""
+    real = urlsplit(broker)
+    proxy = TcpProxy(real.hostname or "127.0.0.1", real.port or 5672)
+    proxy.start()
+    consumer = QueueConsumer(
+        f"amqp://guest:guest@127.0.0.1:{proxy.port}//",
+        pipeline=make_pipeline(sqlite_store),
+        topology=topology,
+        prefetch=4,
+        generation=FAST,
+        max_file_size=10_000_000,
+        fetcher=UrlFetcher(timeout=5, max_bytes=10_000_000),
+        backoff=Backoff(0.1, 0.4),
+    )
+    consumer.start()
+    try:
+        wait_until(lambda: consumer.health()["state"] == "connected", 30, "the consumer to connect")
+        proxy.stop()
+        with caplog.at_level("WARNING", logger="blip2_service.consumer"):
+            wait_until(lambda: consumer.counts["reconnects"] >= 5, 60, "five reconnect attempts")
+            waits = [float(m) for m in re.findall(r"retrying in ([0-9.]+)s", caplog.text)]
+            assert waits[:5] == [0.1, 0.2, 0.4, 0.4, 0.4]
+            consumer.stop(timeout=30)
+        assert consumer.health()["state"] == "stopped"
+        assert "still in flight at shutdown" not in caplog.text  # it ended by itself, not by the timeout
+    finally:
+        consumer.stop(timeout=1)
+        proxy.stop()
+
+
+def test_the_gateway_reconnects_when_the_broker_returns_and_a_stop_while_it_is_gone_ends_its_thread(
+    broker: str, topology: Topology
+) -> None:
+    from blip2_service.gateway import QueueGateway
+
+    real = urlsplit(broker)
+    proxy = TcpProxy(real.hostname or "127.0.0.1", real.port or 5672)
+    proxy.start()
+    gateway = QueueGateway(
+        f"amqp://guest:guest@127.0.0.1:{proxy.port}//", topology, timeout=5, backoff=Backoff(0.1, 0.4)
+    )
+    gateway.start()
+    try:
+        wait_until(lambda: gateway.health()["state"] == "connected", 30, "the gateway to connect")
+        proxy.stop()
+        wait_until(lambda: gateway.health()["state"] == "reconnecting", 30, "the gateway to notice")
+        proxy.start()
+        wait_until(lambda: gateway.health()["state"] == "connected", 30, "the gateway to reconnect")
+        proxy.stop()
+        # Attempts on the gateway's backoff (0.1 s rising to 0.4 s here), each wait seeing a stop
+        # (kombu's own retries inside one connect slept 2 + 4 + 6 s: four attempts took 52 s).
+        seen = gateway.health()["reconnects"]
+        wait_until(lambda: gateway.health()["reconnects"] >= seen + 4, 20, "four more attempts")
+        gateway.stop(timeout=10)
+        assert not gateway._thread.is_alive()
+    finally:
+        gateway.stop(timeout=1)
         proxy.stop()
