@@ -15,53 +15,73 @@ from pathlib import Path
 from typing import Any
 
 from kombu import Consumer, Producer, Queue
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from .amqp_topology import Topology, connect
 from .config import Settings
+from .retry import PUBLISH, Backoff
 
 log = logging.getLogger(__name__)
 
 
 class QueuePublisher:
-    """Thread-safe: one lock around one producer, reconnecting (with retries) when the broker drops."""
+    """Thread-safe: one lock around one producer. A publish that meets a broker error drops the
+    connection (the next attempt opens a fresh one) and tries again on `backoff`, `backoff.attempts`
+    tries in all. The `publish` command waits out a short outage that way; the watcher makes one
+    try, since it retries the file itself on the one backoff (and a stop need not wait behind it)."""
 
-    def __init__(self, broker_url: str, topology: Topology) -> None:
+    def __init__(self, broker_url: str, topology: Topology, *, backoff: Backoff = PUBLISH) -> None:
         self.topology = topology
+        self.backoff = backoff
         self._connection = connect(broker_url)
+        conn = self._connection
+        self._errors = (*conn.connection_errors, *conn.channel_errors, KombuOperationalError)
         self._lock = threading.Lock()
         self._producer: Producer | None = None
 
-    def _get_producer(self) -> Producer:
+    def publish(
+        self, request: dict[str, Any], *, reply_to: str | None = None, correlation_id: str | None = None
+    ) -> None:
+        """Send one request; returns once the broker has it (publisher confirms), or raises."""
+        message_id = str(uuid.uuid4())  # one id for every try: a consumer can tell a repeat
+        attempt = 0
+        while True:
+            attempt += 1
+            with self._lock:
+                try:
+                    self._producer_now().publish(
+                        request,
+                        exchange="",
+                        routing_key=self.topology.queue_name,
+                        serializer="json",
+                        delivery_mode=2,
+                        reply_to=reply_to,
+                        correlation_id=correlation_id,
+                        message_id=message_id,
+                    )
+                    return
+                except self._errors as exc:
+                    self._drop()
+                    if self.backoff.gives_up_after(attempt):
+                        raise
+                    error = exc
+            delay = self.backoff.delay(attempt)
+            log.warning("publishing to the broker failed (%s); retrying in %.1fs", error, delay)
+            time.sleep(delay)
+
+    def _producer_now(self) -> Producer:
         if self._producer is None:
-            self._connection.ensure_connection(max_retries=5)
+            self._connection.ensure_connection(max_retries=0)  # one attempt: `publish` owns the waiting
             channel = self._connection.channel()
             self.topology.declare(channel)
             self._producer = Producer(channel)
         return self._producer
 
-    def publish(
-        self, request: dict[str, Any], *, reply_to: str | None = None, correlation_id: str | None = None
-    ) -> None:
-        with self._lock:
-            producer = self._get_producer()
-            publish = self._connection.ensure(
-                producer,
-                producer.publish,
-                max_retries=5,
-                interval_start=0.5,
-                interval_step=1,
-                interval_max=5,
-            )
-            publish(
-                request,
-                exchange="",
-                routing_key=self.topology.queue_name,
-                serializer="json",
-                delivery_mode=2,
-                reply_to=reply_to,
-                correlation_id=correlation_id,
-                message_id=str(uuid.uuid4()),
-            )
+    def _drop(self) -> None:
+        """Forget a connection that failed: its channel is dead, and kombu would keep reusing it."""
+        self._producer = None
+        with contextlib.suppress(Exception):
+            self._connection.collect()
 
     def close(self) -> None:
         with self._lock:

@@ -16,6 +16,9 @@ RETRY_BACKOFF_FIRST = 1.0  # a queue message or watched file whose store or brok
 RETRY_BACKOFF_MAX = 30.0
 STARTUP_BACKOFF_FIRST = 1.0  # the database or broker not up yet at start (STARTUP_TIMEOUT bounds it)
 STARTUP_BACKOFF_MAX = 5.0
+PUBLISH_BACKOFF_FIRST = 0.5  # `blip2-service publish`: ride out a broker restart, then say so
+PUBLISH_BACKOFF_MAX = 5.0
+PUBLISH_ATTEMPTS = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,3 +38,5 @@ class Backoff:
 STORE = Backoff(STORE_BACKOFF_FIRST, STORE_BACKOFF_MAX, STORE_ATTEMPTS)
 WORK = Backoff(RETRY_BACKOFF_FIRST, RETRY_BACKOFF_MAX)
 STARTUP = Backoff(STARTUP_BACKOFF_FIRST, STARTUP_BACKOFF_MAX)
+PUBLISH = Backoff(PUBLISH_BACKOFF_FIRST, PUBLISH_BACKOFF_MAX, PUBLISH_ATTEMPTS)
+ONCE = Backoff(attempts=1)  # callers that retry on their own (the watcher's publish mode)

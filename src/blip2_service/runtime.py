@@ -213,8 +213,10 @@ class Runtime:
                     raise ConfigError("WATCH_MODE='publish' needs BROKER_URL (the queue to publish to)")
                 from .amqp_topology import Topology
                 from .publisher import QueuePublisher
+                from .retry import ONCE
 
-                publisher = QueuePublisher(s.broker_url, Topology(s.queue_name, s.results_exchange))
+                # One try a file: the watcher retries the file itself, on the one backoff.
+                publisher = QueuePublisher(s.broker_url, Topology(s.queue_name, s.results_exchange), backoff=ONCE)
                 self._closables.append(publisher.close)
                 publish = publisher.publish
             watcher = FolderWatcher.from_settings(s, self.pipeline, self.store, self.metrics, publish)

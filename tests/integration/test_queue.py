@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -670,4 +671,52 @@ def test_the_gateway_reconnects_when_the_broker_returns_and_a_stop_while_it_is_g
         assert not gateway._thread.is_alive()
     finally:
         gateway.stop(timeout=1)
+        proxy.stop()
+
+
+def test_a_publish_that_meets_a_dead_broker_raises_or_waits_it_out_and_the_publisher_recovers(
+    broker: str, topology: Topology, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watcher's publisher tries once (it retries the file itself); the `publish` command's
+    rides out a broker restart. Either way a failed try must not leave a dead channel behind."""
+    import threading
+
+    real = urlsplit(broker)
+    proxy = TcpProxy(real.hostname or "127.0.0.1", real.port or 5672)
+    proxy.start()
+    url = f"amqp://guest:guest@127.0.0.1:{proxy.port}//"
+    once = QueuePublisher(url, topology, backoff=Backoff(attempts=1))
+    patient = QueuePublisher(url, topology, backoff=Backoff(0.1, 0.2, 1000))
+    try:
+        once.publish({"id": "before", "path": "/x/before.jpg"})
+        proxy.stop()
+        with pytest.raises(Exception):  # noqa: B017 - whichever error the transport reports
+            once.publish({"id": "lost", "path": "/x/lost.jpg"})
+        errors: list[BaseException] = []
+
+        def publish() -> None:
+            try:
+                patient.publish({"id": "waited", "path": "/x/waited.jpg"})
+            except BaseException as exc:
+                errors.append(exc)
+
+        with caplog.at_level("WARNING", logger="blip2_service.publisher"):
+            waiting = threading.Thread(target=publish)
+            waiting.start()
+            wait_until(lambda: caplog.text.count("retrying in") >= 3, 30, "three failed tries")
+            proxy.start()
+            waiting.join(30)
+        assert not waiting.is_alive() and not errors
+        once.publish({"id": "after", "path": "/x/after.jpg"})  # a fresh connection, not the dead one
+        with Connection(broker) as conn, conn.SimpleQueue(topology.request_queue) as requests:
+            ids = []
+            with contextlib.suppress(queue.Empty):
+                while len(ids) < 4:  # one more than expected: a duplicate would show
+                    message = requests.get(timeout=2)
+                    ids.append(message.payload["id"])
+                    message.ack()
+        assert sorted(ids) == ["after", "before", "waited"]
+    finally:
+        once.close()
+        patient.close()
         proxy.stop()
