@@ -461,5 +461,5 @@ class FolderWatcher:
         self._attempts[path] = attempt
         delay = self.backoff.delay(attempt)
         self.stats.last_error = f"{path}: {reason}"
-        log.warning("%s will be retried in %.0fs: %s", path, delay, reason)
+        log.warning("%s will be retried in %.1fs: %s", path, delay, reason)
         self._retry_at[path] = time.monotonic() + delay

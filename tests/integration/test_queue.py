@@ -720,3 +720,50 @@ def test_a_publish_that_meets_a_dead_broker_raises_or_waits_it_out_and_the_publi
         once.close()
         patient.close()
         proxy.stop()
+
+
+def test_files_watched_in_publish_mode_while_the_broker_is_down_are_published_once_it_is_back(
+    broker: str, topology: Topology, tmp_path: Path
+) -> None:
+    """WATCH_MODE=publish: a file that arrives during an outage is accepted (settled, seen) and must
+    reach the queue when RabbitMQ returns, once, without holding up the files behind it."""
+    from blip2_service.watcher import FolderWatcher
+
+    real = urlsplit(broker)
+    proxy = TcpProxy(real.hostname or "127.0.0.1", real.port or 5672)
+    proxy.start()
+    publisher = QueuePublisher(f"amqp://guest:guest@127.0.0.1:{proxy.port}//", topology, backoff=Backoff(attempts=1))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    watcher = FolderWatcher(
+        [inbox],
+        pipeline=None,
+        store=None,
+        generation=FAST,
+        settle_seconds=0.2,
+        polling=True,
+        poll_interval=0.1,
+        mode="publish",
+        publish=publisher.publish,
+        backoff=Backoff(0.2, 0.5),
+    )
+    watcher.start()
+    try:
+        assert watcher.catch_up_done.wait(30)
+        proxy.stop()
+        for i in range(3):
+            (inbox / f"outage-{i}.jpg").write_bytes(image_bytes(700 + i))
+        wait_until(lambda: len(watcher._retry_at) == 3, 30, "all three files waiting to be retried")
+        proxy.start()
+        with Connection(broker) as conn, conn.SimpleQueue(topology.request_queue) as requests:
+            paths = []
+            with contextlib.suppress(queue.Empty):
+                while len(paths) < 4:  # one more than expected: a duplicate would show
+                    message = requests.get(timeout=5)
+                    paths.append(Path(message.payload["path"]).name)
+                    message.ack()
+        assert sorted(paths) == [f"outage-{i}.jpg" for i in range(3)]
+    finally:
+        watcher.stop()
+        publisher.close()
+        proxy.stop()
