@@ -43,7 +43,7 @@ class QueuePublisher:
         self, request: dict[str, Any], *, reply_to: str | None = None, correlation_id: str | None = None
     ) -> None:
         """Send one request; returns once the broker has it (publisher confirms), or raises."""
-        message_id = str(uuid.uuid4())  # one id for every try: a consumer can tell a repeat
+        message_id = str(uuid.uuid4())  # one id for every try (a lost confirm may mean the broker has it twice)
         attempt = 0
         while True:
             attempt += 1
