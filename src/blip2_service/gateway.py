@@ -84,7 +84,13 @@ class QueueGateway:
 
     def submit(self, request: CaptionRequest) -> Future[CaptionResult]:
         """Send one request; the future resolves to the worker's result, or to ModelNotReady
-        (a TransientError: 503 with Retry-After) when no worker answers within GATEWAY_TIMEOUT."""
+        (a TransientError: 503 with Retry-After) when no worker answers within GATEWAY_TIMEOUT.
+        Raises ModelNotReady at once while the broker is out of reach or no worker consumes."""
+        if self.state == "reconnecting":  # would only wait out GATEWAY_TIMEOUT: say why, at once
+            raise ModelNotReady(
+                f"The gateway cannot reach the broker ({self.last_error}); retry shortly",
+                retry_after=max(1.0, min(self.timeout, 5.0)),
+            )
         if self.workers == 0 and self._ready.is_set():
             raise ModelNotReady(
                 f"No worker is consuming {self.topology.queue_name}; start `blip2-service consume` on a GPU host",

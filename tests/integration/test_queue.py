@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 
 from blip2_service.amqp_topology import Topology
 from blip2_service.consumer import QueueConsumer
-from blip2_service.domain import GenerationSettings
+from blip2_service.domain import CaptionRequest, GenerationSettings, ModelNotReady, Source
 from blip2_service.fetching import UrlFetcher
 from blip2_service.intake import AddressPolicy
 from blip2_service.pipeline import CaptionPipeline
@@ -660,6 +660,9 @@ def test_the_gateway_reconnects_when_the_broker_returns_and_a_stop_while_it_is_g
         wait_until(lambda: gateway.health()["state"] == "connected", 30, "the gateway to connect")
         proxy.stop()
         wait_until(lambda: gateway.health()["state"] == "reconnecting", 30, "the gateway to notice")
+        request = CaptionRequest(Source.HTTP, "upload", image_bytes(5), FAST)
+        with pytest.raises(ModelNotReady, match="cannot reach the broker"):  # not GATEWAY_TIMEOUT later
+            gateway.submit(request)
         proxy.start()
         wait_until(lambda: gateway.health()["state"] == "connected", 30, "the gateway to reconnect")
         proxy.stop()
