@@ -76,7 +76,7 @@ def wait_for_broker(broker_url: str, timeout: float, first: float = 1.0, most: f
         attempt += 1
         conn = connect(broker_url)
         try:
-            conn.ensure_connection(max_retries=1)
+            conn.ensure_connection(max_retries=0)  # one attempt: this loop does the waiting
             return
         except (*conn.connection_errors, KombuOperationalError, OSError) as exc:
             waited = time.monotonic() - started

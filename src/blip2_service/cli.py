@@ -343,12 +343,13 @@ def _reprocess(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _reprocess_via_queue(settings: Settings, chosen: list[tuple[str, list[str]]]) -> int:
-    from .amqp_topology import Topology
+    from .amqp_topology import Topology, wait_for_broker
     from .publisher import QueuePublisher
     from .reprocess import paths_to_publish
 
     if not settings.broker_url:
         raise ConfigError("--via-queue needs BROKER_URL (the queue GPU workers consume)")
+    wait_for_broker(settings.broker_url, settings.startup_timeout)
     publisher = QueuePublisher(settings.broker_url, Topology(settings.queue_name, settings.results_exchange))
     sent, skipped = 0, []
     try:

@@ -17,7 +17,7 @@ from typing import Any
 from kombu import Consumer, Producer, Queue
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from .amqp_topology import Topology, connect
+from .amqp_topology import BrokerUnavailable, Topology, connect, wait_for_broker
 from .config import Settings
 from .retry import PUBLISH, Backoff
 
@@ -42,7 +42,8 @@ class QueuePublisher:
     def publish(
         self, request: dict[str, Any], *, reply_to: str | None = None, correlation_id: str | None = None
     ) -> None:
-        """Send one request; returns once the broker has it (publisher confirms), or raises."""
+        """Send one request; returns once the broker has it (publisher confirms), or raises
+        BrokerUnavailable (one line) when the last try failed."""
         message_id = str(uuid.uuid4())  # one id for every try (a lost confirm may mean the broker has it twice)
         attempt = 0
         while True:
@@ -63,7 +64,11 @@ class QueuePublisher:
                 except self._errors as exc:
                     self._drop()
                     if self.backoff.gives_up_after(attempt):
-                        raise
+                        tries = f" after {attempt} tries" if attempt > 1 else ""
+                        raise BrokerUnavailable(
+                            f"cannot publish to the broker at {self._connection.as_uri()}{tries}: {exc}; "
+                            "check BROKER_URL and that RabbitMQ is up"
+                        ) from exc
                     error = exc
             delay = self.backoff.delay(attempt)
             log.warning("publishing to the broker failed (%s); retrying in %.1fs", error, delay)
@@ -101,6 +106,7 @@ def publish_paths(
     """The `publish` command: send every file; with `wait`, print each result as a JSON line."""
     from tqdm import tqdm
 
+    wait_for_broker(settings.broker_url, settings.startup_timeout)  # as serve and consume do
     topology = Topology(settings.queue_name, settings.results_exchange)
     publisher = QueuePublisher(settings.broker_url, topology)
     reply_queue: Queue | None = None

@@ -119,6 +119,18 @@ def test_an_unreachable_broker_is_waited_for_then_one_line(tmp_path: Path, data_
     assert "waiting for the broker" in done.stderr
 
 
+def test_publish_to_an_unreachable_broker_waits_like_the_other_commands_then_one_line(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """It printed kombu's traceback after 13 s of retries that ignored STARTUP_TIMEOUT."""
+    _rabbit()
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"not looked at before publishing")
+    env = _env(tmp_path, data_dir, BROKER_URL=f"amqp://guest:guest@127.0.0.1:{_dead_port()}//", STARTUP_TIMEOUT="2")
+    done = _cli("publish", str(image), env=env, cwd=tmp_path)
+    _one_line(done, "cannot reach the broker", "STARTUP_TIMEOUT=2", "BROKER_URL")
+
+
 @pytest.mark.rabbitmq
 def test_a_broker_that_comes_up_20_seconds_late_is_waited_for_and_then_consumed(tmp_path: Path, data_dir: Path) -> None:
     import base64
