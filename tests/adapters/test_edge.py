@@ -10,7 +10,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from blip2_service.fetching import UrlFetcher
 from blip2_service.intake import AddressPolicy, parse_host, parse_networks, read_path
 from blip2_service.runtime import Runtime
 
-from ..conftest import image_bytes
+from ..conftest import image_bytes, service_missing
 
 # -- local paths ---------------------------------------------------------------------------------
 
@@ -351,3 +351,53 @@ async def test_a_read_only_database_recovers_once_writable_and_health_names_it_m
     post = await client.post("/v3/analyze", data=make_image(502), headers={"Content-Type": "image/jpeg"})
     assert post.status == 200 and time.monotonic() - started < 10
     assert (await client.get("/health")).status == 200
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A filesystem of its own, 2 MiB (tmpfs), for the test to fill."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, check=False
+    )
+    if done.returncode != 0:  # a laptop without root skips; CI runs as root and must run it
+        service_missing("a small tmpfs to fill", f"mount needs root: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Write until the filesystem says it is full; returns the file that holds the space."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0" * 4096)
+    return filler
+
+
+async def test_a_full_disk_is_503_with_the_reason_and_the_store_takes_writes_once_space_is_freed(
+    service: Any, small_disk: Path, make_image: Callable[..., bytes]
+) -> None:
+    """The probe behind /health (a rolled-back no-op write) needs no new space: it said "up" while
+    every save failed with "database or disk is full"."""
+    client = await service(database_url=f"sqlite:///{small_disk / 'captions.db'}", health_details=True)
+    first = await client.post("/v3/analyze", data=make_image(601), headers={"Content-Type": "image/jpeg"})
+    assert first.status == 200
+    assert (await client.get("/health")).status == 200  # a small disk with room is not "full"
+    filler = _fill(small_disk)
+    try:
+        post = await client.post("/v3/analyze", data=make_image(602), headers={"Content-Type": "image/jpeg"})
+        body = await post.json()
+        assert post.status == 503 and "full" in body["error"]["message"], body
+        assert "Retry-After" in post.headers
+        health = await client.get("/health")
+        details = await health.json()
+        assert health.status == 503 and details["unavailable"] == ["store"] and "full" in details["store_error"]
+    finally:
+        filler.unlink()
+    post = await client.post("/v3/analyze", data=make_image(602), headers={"Content-Type": "image/jpeg"})
+    assert post.status == 200
+    assert (await client.get("/health")).status == 200
+    listed = await (await client.get("/captions")).json()
+    assert len(listed["items"]) == 2

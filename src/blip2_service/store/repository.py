@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, and_, bindparam, exists, func, literal_column, select, text, update
@@ -29,6 +31,9 @@ from .tables import captions, images, sightings
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Below this much free space next to an SQLite file, /health calls the store down: a save needs
+# room for its pages and journal (a caption with its thumbnail: tens of KiB).
+SQLITE_MIN_FREE = 1 << 20
 _SEARCH_WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
 
@@ -196,11 +201,27 @@ class CaptionRepository:
                 finally:
                     if self.dialect == "sqlite":
                         conn.exec_driver_sql("PRAGMA busy_timeout=30000")
-            return None
+            return self._sqlite_disk_problem()
         except sa_exc.SQLAlchemyError as exc:
             self.engine.dispose()
             orig = getattr(exc, "orig", None) or exc
             return str(orig).strip().splitlines()[0] if str(orig).strip() else type(exc).__name__
+
+    def _sqlite_disk_problem(self) -> str | None:
+        """A full disk under an SQLite file, which the probe above cannot see: a rolled-back
+        update needs no new space, a save does (its pages, the journal). Postgres's own disk is
+        the server's to watch; its saves fail with the reason."""
+        database = self.engine.url.database
+        if self.dialect != "sqlite" or not database or database == ":memory:":
+            return None
+        folder = Path(database).resolve().parent
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return None
+        if free < SQLITE_MIN_FREE:
+            return f"database or disk is full: {free // 1024} KiB free for the database in {folder}"
+        return None
 
     # -- writes ---------------------------------------------------------------------------
 
