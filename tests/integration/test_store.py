@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -23,6 +27,7 @@ from blip2_service.store import (
 )
 from blip2_service.store.migrate import current_revision
 
+from ..conftest import service_missing
 from ..tcp_proxy import TcpProxy
 
 SETTINGS = GenerationSettings(num_beams=5, max_new_tokens=30)
@@ -210,3 +215,60 @@ def test_a_database_that_is_down_is_a_transient_error_then_recovers(pg_url: str)
     assert store.count() == 2
     proxy.stop()
     engine.dispose()
+
+
+@contextmanager
+def _blackholed(port: int) -> Iterator[None]:
+    """Drop every packet to and from `port` (iptables), as a network partition or a frozen host
+    does: no reset, no refusal, just silence."""
+    rules = [
+        ["INPUT", "-p", "tcp", "--dport", str(port), "-j", "DROP"],
+        ["INPUT", "-p", "tcp", "--sport", str(port), "-j", "DROP"],
+    ]
+    added = []
+    try:
+        for rule in rules:
+            done = subprocess.run(["iptables", "-I", *rule], capture_output=True, check=False)
+            if done.returncode != 0:
+                service_missing("iptables (root) to drop packets", done.stderr.decode().strip() or "not permitted")
+            added.append(rule)
+        yield
+    finally:
+        for rule in added:
+            subprocess.run(["iptables", "-D", *rule], check=False)
+
+
+def test_a_database_host_that_goes_silent_is_a_transient_error_not_a_hang_then_recovers(pg_url: str) -> None:
+    """A pooled connection to a host that vanished without closing it waited ~15 minutes on the
+    kernel's retransmissions, and every request, health check and watched file behind it."""
+    if shutil.which("iptables") is None:
+        service_missing("iptables (root) to drop packets", "not installed")
+    real = make_url(pg_url)
+    proxy = TcpProxy(real.host or "127.0.0.1", real.port or 5432)
+    proxy.start()
+    url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    engine = make_engine(url)
+    upgrade(engine)
+    store = CaptionRepository(engine, Backoff(0.1, 0.1, 2))
+    store.save(_new(1, "before the partition"))
+    outcome: list[BaseException | None] = []
+
+    def save() -> None:
+        try:
+            store.save(_new(2, "during the partition"))
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    try:
+        with _blackholed(proxy.port):
+            writer = threading.Thread(target=save, daemon=True)
+            writer.start()
+            writer.join(120)  # tcp_user_timeout 10 s, then a 5 s connect timeout per try
+            assert not writer.is_alive(), "the save still waits on a silent database"
+        assert isinstance(outcome[0], TransientError), outcome
+        item, created = store.save(_new(3, "after the partition"))  # a fresh connection, at once
+        assert created and item["text"] == "after the partition"
+    finally:
+        proxy.stop()
+        engine.dispose()

@@ -8,6 +8,19 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+# A database host that vanishes without closing its connections (a network partition, a frozen
+# VM) would leave a query waiting ~15 minutes for the kernel to give up (tcp_retries2), with the
+# HTTP request, the health check or the watcher waiting behind it: unacknowledged data fails the
+# connection after 10 s instead, an idle one is probed after 30 s, and a connect gives up after 5.
+PG_CONNECT_ARGS = {
+    "connect_timeout": 5,
+    "tcp_user_timeout": 10_000,  # ms
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+
 
 def make_engine(url: str, *, schema: str = "blip2", echo: bool = False) -> Engine:
     """`schema`: on Postgres, the schema that holds this service's tables and its Alembic version
@@ -35,7 +48,8 @@ def make_engine(url: str, *, schema: str = "blip2", echo: bool = False) -> Engin
         max_overflow=8,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5},
+        # the URL's own (?connect_timeout=20) win
+        connect_args={key: value for key, value in PG_CONNECT_ARGS.items() if key not in parsed.query},
     )
 
     def search_path(dbapi_connection: Any, _record: Any) -> None:
