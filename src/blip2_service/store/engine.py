@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 # connection after 10 s instead, an idle one is probed after 30 s, and a connect gives up after 5.
 PG_CONNECT_ARGS = {
     "connect_timeout": 5,
-    "tcp_user_timeout": 10_000,  # ms
+    "tcp_user_timeout": 10_000,  # ms; libpq 12+ (psycopg[binary] ships its own, 18 here)
     "keepalives": 1,
     "keepalives_idle": 30,
     "keepalives_interval": 5,
