@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download", "~")
 Publish = Callable[[dict[str, Any]], None]
 StatFn = Callable[[Path], tuple[int, float] | None]
+FOLDER_CHECK_SECONDS = 1.0  # how often each watched folder's identity is checked (one stat)
 _SYMLINK_SKIPPED = "skipping %s: %s (set WATCH_FOLLOW_SYMLINKS=true to follow it)"
 
 
@@ -60,6 +61,15 @@ def is_temporary(path: Path) -> bool:
 
 def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, or None when it is not there: changes when it is replaced."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if os.path.isdir(folder) else None
 
 
 def _stat(path: Path) -> tuple[int, float] | None:
@@ -208,7 +218,9 @@ class FolderWatcher:
         self._attempts: dict[Path, int] = {}
         self.tracker = StabilityTracker(settle_seconds)
         self.stats = _Stats()
-        self._observers: list[Any] = []
+        self._observers: dict[Path, Any] = {}
+        self._identity: dict[Path, tuple[int, int] | None] = {}  # (device, inode): a folder replaced shows
+        self._next_guard = 0.0
         self._stop = threading.Event()
         self.catch_up_done = threading.Event()
         self._worker = threading.Thread(target=self._run, name="watcher", daemon=True)
@@ -246,9 +258,38 @@ class FolderWatcher:
     def start(self) -> None:
         for folder in self.folders:
             folder.mkdir(parents=True, exist_ok=True)
-            self._observers.append(self._observe(folder))
+            self._identity[folder] = _identity(folder)
+            self._observers[folder] = self._observe(folder)
         self._worker.start()
         threading.Thread(target=self._catch_up, name="watcher-catch-up", daemon=True).start()
+
+    def _guard_folders(self) -> None:
+        """Notice a watched folder deleted, replaced or (un)mounted: its inotify watch died with
+        it, and files put in the new one would never be seen while /health said all was well.
+        A folder gone is reported (`missing`); one back is watched again and caught up."""
+        for folder in self.folders:
+            now = _identity(folder)
+            if now == self._identity[folder]:
+                continue
+            self._identity[folder] = now
+            with contextlib.suppress(Exception):
+                self._observers[folder].stop()
+            if now is None:
+                self.stats.observers[str(folder)] = "missing"
+                self.stats.last_error = f"{folder}: the watched folder is gone"
+                log.warning(
+                    "watched folder %s is gone (deleted or unmounted); watching it again once it is back", folder
+                )
+                continue
+            try:
+                self._observers[folder] = self._observe(folder)
+            except OSError as exc:  # gone again before we could watch it: the next check retries
+                self._identity[folder] = None
+                self.stats.observers[str(folder)] = "missing"
+                log.warning("cannot watch %s yet: %s", folder, exc)
+                continue
+            log.info("watched folder %s is back (%s): catching up", folder, self.stats.observers[str(folder)])
+            threading.Thread(target=self._catch_up, args=([folder],), name="watcher-catch-up", daemon=True).start()
 
     def _observe(self, folder: Path) -> Any:
         handler = _Handler(self)
@@ -276,10 +317,11 @@ class FolderWatcher:
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop watching; files already handed to the pipeline finish (the runtime drains it)."""
-        for observer in self._observers:
+        for observer in self._observers.values():
             observer.stop()
-        for observer in self._observers:
-            observer.join(timeout)
+        for observer in self._observers.values():
+            with contextlib.suppress(RuntimeError):  # a replaced observer that never started
+                observer.join(timeout)
         self._observers.clear()
         self._stop.set()
         if self._worker.is_alive():
@@ -289,8 +331,9 @@ class FolderWatcher:
             time.sleep(0.05)
 
     def health(self) -> dict[str, Any]:
+        missing = "missing" in self.stats.observers.values()
         return {
-            "state": "stopped" if self._stop.is_set() else "running",
+            "state": "stopped" if self._stop.is_set() else "degraded" if missing else "running",
             "mode": self.mode,
             "folders": self.stats.observers,
             "pending": len(self.tracker),
@@ -350,10 +393,10 @@ class FolderWatcher:
             for name in sorted(files):
                 yield Path(root) / name
 
-    def _catch_up(self) -> None:
+    def _catch_up(self, folders: list[Path] | None = None) -> None:
         started = time.monotonic()
         total = 0
-        for folder in self.folders:
+        for folder in folders if folders is not None else self.folders:
             known: dict[str, tuple[int | None, float | None]] = {}
             if self.store is not None:
                 try:
@@ -361,16 +404,25 @@ class FolderWatcher:
                 except TransientError as exc:
                     log.warning("catch-up of %s without the store (%s): every file is re-checked", folder, exc.message)
             total += self.scan_folder(folder, known)
+        took = time.monotonic() - started
+        if folders is not None:  # a folder that came back: the start's figures stay
+            log.info(
+                "catch-up of %s queued %d new or changed files in %.1fs", ", ".join(map(str, folders)), total, took
+            )
+            return
         self.stats.catch_up_queued = total
-        self.stats.catch_up_seconds = time.monotonic() - started
+        self.stats.catch_up_seconds = took
         self.catch_up_done.set()
-        log.info("catch-up scan queued %d new or changed files in %.1fs", total, self.stats.catch_up_seconds)
+        log.info("catch-up scan queued %d new or changed files in %.1fs", total, took)
 
     # -- work -----------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
             now = time.monotonic()
+            if now >= self._next_guard:
+                self._next_guard = now + FOLDER_CHECK_SECONDS
+                self._guard_folders()
             for path, when in list(self._retry_at.items()):
                 if when <= now:
                     del self._retry_at[path]

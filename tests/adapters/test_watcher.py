@@ -243,3 +243,26 @@ def test_a_file_too_large_to_read_is_stored_as_failed_under_its_path(
     failed, _ = sqlite_store.query(CaptionFilter(status="failed"))
     assert [f["source_ref"] for f in failed] == [str(big.resolve())] or [f["source_ref"] for f in failed] == [str(big)]
     assert "MAX_FILE_SIZE" in failed[0]["error"] and failed[0]["source"] == "watch"
+
+
+def test_a_watched_folder_deleted_and_made_again_is_reported_then_watched_again_and_caught_up(
+    start_watcher: Callable[..., FolderWatcher], sqlite_store: CaptionRepository, tmp_path: Path
+) -> None:
+    """An operator's `rm -rf inbox && mkdir inbox`, or a share unmounted and mounted again: the old
+    inotify watch died with the folder, and files put in the new one were never captioned while
+    /health said "running"."""
+    inbox = tmp_path / "inbox"
+    watcher = start_watcher(inbox)
+    (inbox / "before.jpg").write_bytes(image_bytes(1301))
+    wait_until(lambda: _count(sqlite_store) == 1, 30, "the first caption")
+    shutil.rmtree(inbox)
+    wait_until(lambda: watcher.health()["folders"][str(inbox)] == "missing", 30, "the folder reported missing")
+    assert watcher.health()["state"] == "degraded"
+    inbox.mkdir()
+    (inbox / "early.jpg").write_bytes(image_bytes(1302))  # before the watch is back: the catch-up finds it
+    wait_until(lambda: watcher.health()["folders"][str(inbox)] != "missing", 30, "the folder watched again")
+    (inbox / "after.jpg").write_bytes(image_bytes(1303))  # after: the new watch sees it
+    wait_until(lambda: _count(sqlite_store) == 3, 60, "both new files captioned")
+    assert watcher.health()["state"] == "running"
+    refs = sorted(Path(item["source_ref"]).name for item in sqlite_store.query(CaptionFilter())[0])
+    assert refs == ["after.jpg", "before.jpg", "early.jpg"]
