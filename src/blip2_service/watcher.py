@@ -317,15 +317,14 @@ class FolderWatcher:
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop watching; files already handed to the pipeline finish (the runtime drains it)."""
+        self._stop.set()
+        if self._worker.is_alive():  # first: it is what replaces the observer of a folder that came back
+            self._worker.join(timeout)
         for observer in self._observers.values():
             observer.stop()
         for observer in self._observers.values():
-            with contextlib.suppress(RuntimeError):  # a replaced observer that never started
-                observer.join(timeout)
+            observer.join(timeout)
         self._observers.clear()
-        self._stop.set()
-        if self._worker.is_alive():
-            self._worker.join(timeout)
         deadline = time.monotonic() + timeout
         while self._inflight and time.monotonic() < deadline:
             time.sleep(0.05)
