@@ -60,6 +60,13 @@ def connect(broker_url: str, **kwargs: Any) -> Connection:
     return Connection(broker_url, heartbeat=30, transport_options={"confirm_publish": True}, **kwargs)
 
 
+def broker_errors(conn: Connection) -> tuple[type[BaseException], ...]:
+    """What a broker that is away raises: kombu reports a failed connect as its own
+    OperationalError (`ensure_connection`), a lost connection or channel as the transport's (for
+    RabbitMQ's, socket errors among them: OSError)."""
+    return (*conn.connection_errors, *conn.channel_errors, KombuOperationalError, OSError)
+
+
 class BrokerUnavailable(Exception):
     """The broker could not be reached within STARTUP_TIMEOUT; the message is one line."""
 
@@ -78,7 +85,7 @@ def wait_for_broker(broker_url: str, timeout: float, first: float = 1.0, most: f
         try:
             conn.ensure_connection(max_retries=0)  # one attempt: this loop does the waiting
             return
-        except (*conn.connection_errors, KombuOperationalError, OSError) as exc:
+        except broker_errors(conn) as exc:
             waited = time.monotonic() - started
             where = conn.as_uri()
             if waited >= timeout:

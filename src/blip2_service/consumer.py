@@ -25,10 +25,9 @@ from typing import Any
 
 from amqp.exceptions import PreconditionFailed
 from kombu import Connection, Message
-from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.mixins import ConsumerProducerMixin
 
-from .amqp_topology import Topology, connect
+from .amqp_topology import Topology, broker_errors, connect
 from .config import Settings
 from .domain import (
     CaptionError,
@@ -118,9 +117,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         self._consumers: list[Any] = []
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
-        conn = self.connection
-        # kombu reports a failed connect as its own OperationalError, a lost one as the transport's.
-        self._broker_errors = (*conn.connection_errors, *conn.channel_errors, KombuOperationalError)
+        self._broker_errors = broker_errors(self.connection)
 
     @classmethod
     def from_settings(

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from kombu import Consumer, Producer, Queue
-from kombu.exceptions import OperationalError as KombuOperationalError
 
-from .amqp_topology import BrokerUnavailable, Topology, connect, wait_for_broker
+from .amqp_topology import BrokerUnavailable, Topology, broker_errors, connect, wait_for_broker
 from .config import Settings
 from .retry import PUBLISH, Backoff
 
@@ -34,8 +33,7 @@ class QueuePublisher:
         self.topology = topology
         self.backoff = backoff
         self._connection = connect(broker_url)
-        conn = self._connection
-        self._errors = (*conn.connection_errors, *conn.channel_errors, KombuOperationalError)
+        self._errors = broker_errors(self._connection)
         self._lock = threading.Lock()
         self._producer: Producer | None = None
 

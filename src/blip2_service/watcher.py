@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -69,7 +70,7 @@ def _identity(folder: Path) -> tuple[int, int] | None:
         st = folder.stat()
     except OSError:
         return None
-    return (st.st_dev, st.st_ino) if os.path.isdir(folder) else None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _stat(path: Path) -> tuple[int, float] | None:
