@@ -144,6 +144,28 @@ def start_consumer(
         consumer.stop(timeout=30)
 
 
+def _proxied(broker: str) -> tuple[TcpProxy, str]:
+    """A started TCP proxy to RabbitMQ that the test can cut, and the broker URL through it."""
+    real = urlsplit(broker)
+    proxy = TcpProxy(real.hostname or "127.0.0.1", real.port or 5672)
+    proxy.start()
+    return proxy, f"amqp://guest:guest@127.0.0.1:{proxy.port}//"
+
+
+def _cut_consumer(url: str, pipeline: CaptionPipeline, topology: Topology, backoff: Backoff) -> QueueConsumer:
+    """A consumer behind `_proxied`'s URL (not started)."""
+    return QueueConsumer(
+        url,
+        pipeline=pipeline,
+        topology=topology,
+        prefetch=4,
+        generation=FAST,
+        max_file_size=10_000_000,
+        fetcher=UrlFetcher(timeout=5, max_bytes=10_000_000),
+        backoff=backoff,
+    )
+
+
 def _queue_depth(url: str, name: str) -> int:
     with Connection(url) as conn:
         _name, count, _consumers = conn.channel().queue_declare(name, passive=True)
@@ -526,12 +548,9 @@ def test_the_consumer_reconnects_after_the_broker_goes_away_and_loses_nothing(
     topology: Topology,
 ) -> None:
     """The consumer reaches RabbitMQ through a proxy that the test cuts, as a broker restart would."""
-    real = Connection(broker)
-    proxy = TcpProxy(real.hostname or "127.0.0.1", real.port or 5672)
-    real.release()
-    proxy.start()
+    proxy, url = _proxied(broker)
     consumer = QueueConsumer(
-        f"amqp://guest:guest@127.0.0.1:{proxy.port}//",
+        url,
         pipeline=make_pipeline(sqlite_store, max_pending=64),
         topology=topology,
         prefetch=4,
@@ -575,19 +594,8 @@ async def test_health_names_the_broker_while_the_consumer_cannot_reach_it(
     from blip2_service.http_api.app import make_app
     from blip2_service.runtime import Runtime
 
-    real = urlsplit(broker)
-    proxy = TcpProxy(real.hostname or "127.0.0.1", real.port or 5672)
-    proxy.start()
-    consumer = QueueConsumer(
-        f"amqp://guest:guest@127.0.0.1:{proxy.port}//",
-        pipeline=make_pipeline(sqlite_store),
-        topology=topology,
-        prefetch=4,
-        generation=FAST,
-        max_file_size=10_000_000,
-        fetcher=UrlFetcher(timeout=5, max_bytes=10_000_000),
-        backoff=Backoff(0.2, 1.0),
-    )
+    proxy, url = _proxied(broker)
+    consumer = _cut_consumer(url, make_pipeline(sqlite_store), topology, Backoff(0.2, 1.0))
     runtime = Runtime(settings_factory(), holder=loaded_holder)
     runtime.start()
     runtime.adapters.append(consumer)
@@ -615,19 +623,8 @@ def test_with_the_broker_gone_the_consumer_waits_on_its_own_backoff_and_a_stop_e
 ) -> None:
     """kombu's own reconnect loop waited 2, 4, 6 ... 30 s inside its connect and never looked at a
     stop: a SIGTERM while RabbitMQ was down hung for the whole in-flight grace period."""
-    real = urlsplit(broker)
-    proxy = TcpProxy(real.hostname or "127.0.0.1", real.port or 5672)
-    proxy.start()
-    consumer = QueueConsumer(
-        f"amqp://guest:guest@127.0.0.1:{proxy.port}//",
-        pipeline=make_pipeline(sqlite_store),
-        topology=topology,
-        prefetch=4,
-        generation=FAST,
-        max_file_size=10_000_000,
-        fetcher=UrlFetcher(timeout=5, max_bytes=10_000_000),
-        backoff=Backoff(0.1, 0.4),
-    )
+    proxy, url = _proxied(broker)
+    consumer = _cut_consumer(url, make_pipeline(sqlite_store), topology, Backoff(0.1, 0.4))
     consumer.start()
     try:
         wait_until(lambda: consumer.health()["state"] == "connected", 30, "the consumer to connect")
@@ -649,12 +646,8 @@ def test_the_gateway_reconnects_when_the_broker_returns_and_a_stop_while_it_is_g
 ) -> None:
     from blip2_service.gateway import QueueGateway
 
-    real = urlsplit(broker)
-    proxy = TcpProxy(real.hostname or "127.0.0.1", real.port or 5672)
-    proxy.start()
-    gateway = QueueGateway(
-        f"amqp://guest:guest@127.0.0.1:{proxy.port}//", topology, timeout=5, backoff=Backoff(0.1, 0.4)
-    )
+    proxy, url = _proxied(broker)
+    gateway = QueueGateway(url, topology, timeout=5, backoff=Backoff(0.1, 0.4))
     gateway.start()
     try:
         wait_until(lambda: gateway.health()["state"] == "connected", 30, "the gateway to connect")
@@ -684,10 +677,7 @@ def test_a_publish_that_meets_a_dead_broker_raises_or_waits_it_out_and_the_publi
     rides out a broker restart. Either way a failed try must not leave a dead channel behind."""
     import threading
 
-    real = urlsplit(broker)
-    proxy = TcpProxy(real.hostname or "127.0.0.1", real.port or 5672)
-    proxy.start()
-    url = f"amqp://guest:guest@127.0.0.1:{proxy.port}//"
+    proxy, url = _proxied(broker)
     once = QueuePublisher(url, topology, backoff=Backoff(attempts=1))
     patient = QueuePublisher(url, topology, backoff=Backoff(0.1, 0.2, 1000))
     try:
@@ -732,10 +722,8 @@ def test_files_watched_in_publish_mode_while_the_broker_is_down_are_published_on
     reach the queue when RabbitMQ returns, once, without holding up the files behind it."""
     from blip2_service.watcher import FolderWatcher
 
-    real = urlsplit(broker)
-    proxy = TcpProxy(real.hostname or "127.0.0.1", real.port or 5672)
-    proxy.start()
-    publisher = QueuePublisher(f"amqp://guest:guest@127.0.0.1:{proxy.port}//", topology, backoff=Backoff(attempts=1))
+    proxy, url = _proxied(broker)
+    publisher = QueuePublisher(url, topology, backoff=Backoff(attempts=1))
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     watcher = FolderWatcher(

@@ -193,14 +193,18 @@ def test_both_engines_find_the_same_ids(sqlite_url: str, pg_url: str) -> None:
         s.engine.dispose()
 
 
-def test_a_database_that_is_down_is_a_transient_error_then_recovers(pg_url: str) -> None:
+def _store_through_proxy(pg_url: str, retry: Backoff) -> tuple[TcpProxy, CaptionRepository]:
+    """A migrated store that reaches Postgres through a started TCP proxy the test can cut."""
     real = make_url(pg_url)
     proxy = TcpProxy(real.host or "127.0.0.1", real.port or 5432)
     proxy.start()
-    url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    engine = make_engine(url)
+    engine = make_engine(real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
     upgrade(engine)
-    store = CaptionRepository(engine, Backoff(0.05, 3.0, 3))
+    return proxy, CaptionRepository(engine, retry)
+
+
+def test_a_database_that_is_down_is_a_transient_error_then_recovers(pg_url: str) -> None:
+    proxy, store = _store_through_proxy(pg_url, Backoff(0.05, 3.0, 3))
     store.save(_new(1, "before the outage"))
     proxy.stop()
     with pytest.raises(TransientError, match="The store is unavailable"):
@@ -214,7 +218,7 @@ def test_a_database_that_is_down_is_a_transient_error_then_recovers(pg_url: str)
     assert time.monotonic() - started >= 0.5
     assert store.count() == 2
     proxy.stop()
-    engine.dispose()
+    store.engine.dispose()
 
 
 @contextmanager
@@ -243,13 +247,7 @@ def test_a_database_host_that_goes_silent_is_a_transient_error_not_a_hang_then_r
     kernel's retransmissions, and every request, health check and watched file behind it."""
     if shutil.which("iptables") is None:
         service_missing("iptables (root) to drop packets", "not installed")
-    real = make_url(pg_url)
-    proxy = TcpProxy(real.host or "127.0.0.1", real.port or 5432)
-    proxy.start()
-    url = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    engine = make_engine(url)
-    upgrade(engine)
-    store = CaptionRepository(engine, Backoff(0.1, 0.1, 2))
+    proxy, store = _store_through_proxy(pg_url, Backoff(0.1, 0.1, 2))
     store.save(_new(1, "before the partition"))
     outcome: list[BaseException | None] = []
 
@@ -271,4 +269,4 @@ def test_a_database_host_that_goes_silent_is_a_transient_error_not_a_hang_then_r
         assert created and item["text"] == "after the partition"
     finally:
         proxy.stop()
-        engine.dispose()
+        store.engine.dispose()
