@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -15,6 +14,7 @@ from . import __version__
 from .amqp_topology import BrokerUnavailable
 from .captioner.loading import ModelLoadError
 from .config import ConfigError, Settings, load_settings
+from .domain import json_text
 from .logs import setup_logging
 from .store.migrate import StoreSetupError
 
@@ -233,7 +233,7 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
         nonlocal failures
         line = cli_line(str(path), result)
         failures += 0 if line["status"] == "succeeded" else 1
-        print(json.dumps(line, ensure_ascii=False), flush=True)
+        print(json_text(line), flush=True)
 
     try:
         with tqdm(total=len(files), unit="img", file=sys.stderr, disable=None) as bar:
@@ -328,7 +328,7 @@ def _reprocess(settings: Settings, args: argparse.Namespace) -> int:
                 line = {**cli_line(path or "", result), "image_sha256": sha256}
                 if isinstance(result, NoReadableCopy):
                     line["status"] = "skipped"
-                print(json.dumps(line, ensure_ascii=False), flush=True)
+                print(json_text(line), flush=True)
                 bar.update()
 
             summary = caption_again(
@@ -386,7 +386,7 @@ def _emoji(settings: Settings, args: argparse.Namespace) -> int:
     mapper = build_mapper(settings)
     mappings = mapper.map(" ".join(args.words))
     if args.json:
-        print(json.dumps([m.as_dict() for m in mappings], ensure_ascii=False))
+        print(json_text([m.as_dict() for m in mappings]))
     else:
         for m in mappings:
             print(f"{m.emoji}\t{m.word}")

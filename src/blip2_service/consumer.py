@@ -37,6 +37,7 @@ from .domain import (
     PermanentError,
     Source,
     TransientError,
+    utf8_text,
 )
 from .fetching import UrlFetcher
 from .intake import public_url, read_path
@@ -429,7 +430,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         it could fail and jam the queue behind it.
         """
         headers = dict(message.headers or {})
-        headers[REASON_HEADER] = reason[:1000]
+        headers[REASON_HEADER] = utf8_text(reason[:1000])  # read by clients in any language: valid UTF-8
         props = message.properties or {}
         kept = {name: props[name] for name in _KEPT_PROPERTIES if props.get(name) is not None}
         self.producer.publish(

@@ -9,9 +9,47 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
+
+# What UTF-8 cannot carry, or Postgres text cannot hold: NUL and lone surrogates.
+_UNWRITABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def utf8_text(text: str) -> str:
+    """`text` as something UTF-8, SQLite, Postgres and every JSON reader can carry.
+
+    Linux file names are bytes: one that is not UTF-8 arrives as surrogate escapes (os.fsdecode),
+    a JSON message may hold a lone "\\ud800", and Postgres text cannot hold NUL. Each such
+    character is spelled as Python spells it in a bytes literal (`\\xff` for an undecodable byte,
+    `\\ud800` for another lone surrogate, `\\x00` for NUL) so the name stays readable; anything
+    else, backslashes included, is kept as it is.
+    """
+    if _UNWRITABLE.search(text) is None:
+        return text
+    return _UNWRITABLE.sub(_spelled, text)
+
+
+def _spelled(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code == 0 or 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code & 0xFF:02x}"
+    return f"\\u{code:04x}"
+
+
+def json_text(obj: Any) -> str:
+    """JSON for people to read (emojis as themselves, not escapes) that encodes as UTF-8: a lone
+    surrogate in a string is written as `utf8_text` spells it."""
+    text = json.dumps(obj, ensure_ascii=False)
+    if _UNWRITABLE.search(text) is None:
+        return text
+    return _UNWRITABLE.sub(lambda m: _spelled(m).replace("\\", "\\\\"), text)
+
+
+def has_unwritable(text: str) -> bool:
+    return _UNWRITABLE.search(text) is not None
 
 
 class Source(StrEnum):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from yarl import URL
 
-from .domain import BadInput, Forbidden, NotFound, RequestTimedOut, TooLarge
+from .domain import BadInput, Forbidden, NotFound, RequestTimedOut, TooLarge, has_unwritable
 
 MAX_PATH_CHARS = 4096
 MAX_PROMPT_CHARS = 500
@@ -170,13 +170,20 @@ def check_size(declared: int | None, max_bytes: int) -> None:
 
 
 def check_prompt(prompt: object) -> str | None:
-    """The one prompt rule: an optional string of at most MAX_PROMPT_CHARS characters, trimmed."""
+    """The one prompt rule: an optional string of at most MAX_PROMPT_CHARS characters, trimmed.
+
+    A NUL or a lone surrogate (a JSON message may carry "\\ud800") is refused here: the tokenizer
+    cannot take a lone surrogate, and would fail the whole batch the prompt rides in, not just
+    its own request.
+    """
     if prompt is None or prompt == "":
         return None
     if not isinstance(prompt, str):
         raise BadInput("prompt must be a string")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise BadInput(f"prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    if has_unwritable(prompt):
+        raise BadInput("prompt holds a NUL or a lone surrogate; send it as plain UTF-8 text")
     return prompt.strip() or None
 
 

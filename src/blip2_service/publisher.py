@@ -18,6 +18,7 @@ from kombu import Consumer, Producer, Queue
 
 from .amqp_topology import BrokerUnavailable, Topology, broker_errors, connect, wait_for_broker
 from .config import Settings
+from .domain import json_text
 from .retry import PUBLISH, Backoff
 
 log = logging.getLogger(__name__)
@@ -153,10 +154,10 @@ def publish_paths(
             body = results.get(correlation)
             if body is None:
                 failures += 1
-                print(json.dumps({"path": str(path), "status": "timeout"}), flush=True)
+                print(json_text({"path": str(path), "status": "timeout"}), flush=True)
                 continue
             failures += 0 if body.get("status") == "success" else 1
-            print(json.dumps({"path": str(path), **body}, ensure_ascii=False), flush=True)
+            print(json_text({"path": str(path), **body}), flush=True)
         return 1 if failures else 0
     finally:
         if consumer is not None:

@@ -37,6 +37,7 @@ from .domain import (
     PermanentError,
     Source,
     TransientError,
+    utf8_text,
 )
 from .imaging import IMAGE_SUFFIXES
 from .intake import read_path
@@ -371,7 +372,7 @@ class FolderWatcher:
         touched = 0
         for path in self._walk(folder):
             if known is not None:
-                seen = known.get(str(path))
+                seen = known.get(utf8_text(str(path)))  # stored as the store spells it
                 current = _stat(path)
                 if (
                     seen is not None

@@ -278,6 +278,24 @@ async def test_malformed_bodies_and_headers_get_400_or_401(service: Any) -> None
         assert status in (b"401", b"400"), (header, status)
 
 
+async def test_an_upload_whose_file_name_is_not_utf8_is_captioned_and_listed_under_a_readable_name(
+    service: Any, make_image: Callable[..., bytes]
+) -> None:
+    client = await service()
+    image = make_image(41)
+    for name, shown in ((b"\xff\xfe.jpg", r"upload:\xff\xfe.jpg"), ("café.jpg".encode(), "upload:café.jpg")):
+        body = (
+            b'--B\r\nContent-Disposition: form-data; name="file"; filename="' + name + b'"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--B--\r\n"
+        )
+        resp = await client.post(
+            "/v3/analyze?refresh=true", data=body, headers={"Content-Type": "multipart/form-data; boundary=B"}
+        )
+        assert resp.status == 200, await resp.text()
+        record = await (await client.get(f"/captions/{(await resp.json())['metadata']['record_id']}")).json()
+        assert record["source_ref"] == shown
+
+
 @pytest.mark.parametrize(
     ("path", "status"),
     [

@@ -126,6 +126,7 @@ async def test_prompt_num_captions_and_store_false(service: Any) -> None:
         ("/v3/analyze?file=/x.jpg&num_captions=9", "num_captions=9 is out of range"),
         ("/v3/analyze?file=/x.jpg&num_captions=two", "not a whole number"),
         ("/v3/analyze?file=/x.jpg&store=perhaps", "store='perhaps' is not a boolean"),
+        ("/v3/analyze?file=/x.jpg&prompt=a%00photo", "prompt holds a NUL"),
         ("/v3/analyze?url=ftp://example.com/a.jpg", "Only http:// and https://"),
         ("/v2/analyze", "Must provide either url or file"),
     ],

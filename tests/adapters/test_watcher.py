@@ -167,6 +167,41 @@ def test_a_restart_catches_up_without_recaptioning(
     wait_until(lambda: _count(sqlite_store) == 31, 30, "the rewritten file")
 
 
+# File names as Linux allows them: bytes that are not UTF-8, a newline, markup.
+ODD_NAMES = {
+    b"\xff\xfe.jpg": r"\xff\xfe.jpg",
+    "café.jpg".encode(): "café.jpg",
+    b"new\nline.jpg": "new\nline.jpg",
+    b'<b onmouseover="x">.jpg': '<b onmouseover="x">.jpg',
+}
+
+
+def test_names_that_are_not_utf8_are_captioned_recognised_after_a_restart_and_marked_gone(
+    start_watcher: Callable[..., FolderWatcher], sqlite_store: CaptionRepository, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i, name in enumerate(ODD_NAMES):
+        with open(os.path.join(os.fsencode(inbox), name), "wb") as fh:
+            fh.write(image_bytes(5000 + i))
+    first = start_watcher(inbox)
+    wait_until(lambda: _count(sqlite_store) == len(ODD_NAMES), 60, "a result per name")
+    items, _ = sqlite_store.query(CaptionFilter())
+    assert {i["status"] for i in items} == {"succeeded"}
+    assert sorted(Path(i["source_ref"]).name for i in items) == sorted(ODD_NAMES.values())
+    first.stop()
+    second = start_watcher(inbox)
+    assert second.catch_up_done.wait(30)
+    assert second.stats.catch_up_queued == 0  # each recognised under its stored name
+    os.unlink(os.path.join(os.fsencode(inbox), b"\xff\xfe.jpg"))
+
+    def gone() -> bool:
+        image = sqlite_store.image(hashlib.sha256(image_bytes(5000)).hexdigest())
+        return image is not None and image["locations"][0]["gone_at"] is not None
+
+    wait_until(gone, 30, "the undecodable name to be marked gone")
+
+
 def test_when_inotify_cannot_be_used_the_folder_is_polled_with_one_log_line(
     make_pipeline: Callable[..., CaptionPipeline],
     sqlite_store: CaptionRepository,

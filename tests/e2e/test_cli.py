@@ -83,6 +83,14 @@ def test_caption_prints_json_lines_and_stores(tmp_path: Path, data_dir: Path) ->
         ("b.png", "succeeded"),
     ]
     assert mixed.returncode == 1
+    # A file name that is not UTF-8: captioned, stored and printed as Python spells the name.
+    odd = os.path.join(os.fsencode(photos), b"\xffc.jpg")
+    Path(os.fsdecode(odd)).write_bytes(image_bytes(4))
+    command = [sys.executable.encode(), b"-m", b"blip2_service.cli", b"caption", odd]
+    named = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True)
+    assert named.returncode == 0, named.stderr[-2000:]
+    assert json.loads(named.stdout)["path"] == f"{photos}/\\xffc.jpg"
+    assert json.loads(named.stdout)["status"] == "succeeded"
 
 
 def test_db_upgrade_and_help(tmp_path: Path, data_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import queue
 import re
@@ -294,6 +295,55 @@ def test_bad_requests_are_dead_lettered_with_a_reason_and_announced(
     items = results.wait(8, timeout=60)
     assert items[-1][0] == "caption.succeeded"
     assert consumer.health()["state"] == "connected"
+
+
+def test_text_utf8_cannot_carry_is_stored_spelled_out_and_a_prompt_the_model_cannot_read_fails_alone(
+    start_consumer: Callable[..., QueueConsumer],
+    store: CaptionRepository,
+    results: Results,
+    broker: str,
+    topology: Topology,
+    tmp_path: Path,
+) -> None:
+    folder = (tmp_path / "in").resolve()
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(image_bytes(81))
+    start_consumer(store, file_roots=[folder])
+
+    def b64(seed: int) -> str:
+        return base64.b64encode(image_bytes(seed)).decode()
+
+    # json.dumps writes a lone surrogate as the escape "\\ud800", as any client might send it.
+    bodies = [
+        {"id": "good", "image_b64": b64(82)},
+        {"id": "prompt", "path": f"{folder}/a.jpg", "prompt": "a \ud800 photo of"},
+        {"id": "id-\ud800\x00", "image_b64": b64(83)},
+        {"id": "path", "path": f"{folder}/\udcff.jpg"},
+    ]
+    with Connection(broker) as conn:
+        producer = conn.Producer()
+        for body in bodies:
+            producer.publish(
+                json.dumps(body).encode(),
+                routing_key=topology.queue_name,
+                content_type="application/json",
+                content_encoding="utf-8",
+            )
+    items = results.wait(4, timeout=60)
+    assert sorted(key for key, _ in items) == ["caption.failed"] * 2 + ["caption.succeeded"] * 2
+    rows = {item["source_ref"]: item for item in store.query(CaptionFilter())[0]}
+    assert rows["message:good"]["status"] == "succeeded"
+    assert rows[r"message:id-\ud800\x00"]["status"] == "succeeded"
+    assert rows["message:prompt"]["error"] == "prompt holds a NUL or a lone surrogate; send it as plain UTF-8 text"
+    assert rows[rf"{folder}/\xff.jpg"]["error"] == rf"File not found: {folder}/\xff.jpg"
+    dead: list[Any] = []
+
+    def both_dead_lettered() -> bool:  # dead-lettered just after the result is announced
+        dead.extend(_dead_letters(broker, topology))
+        return len(dead) >= 2
+
+    wait_until(both_dead_lettered, 30, "both failures dead-lettered")
+    assert rf"File not found: {folder}/\xff.jpg" in {message.headers[REASON_HEADER] for message in dead}
 
 
 def _dead_letters(broker: str, topology: Topology) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import threading
@@ -126,6 +127,23 @@ def test_a_failure_is_replaced_by_a_later_success(store: CaptionRepository) -> N
     assert failed["status"] == "failed" and failed["error"]
     ok, created = store.save(_new(2, "a cat"))
     assert not created and ok["id"] == failed["id"] and ok["status"] == "succeeded" and ok["text"] == "a cat"
+
+
+def test_names_utf8_cannot_carry_are_stored_spelled_out_and_found_by_the_raw_name(store: CaptionRepository) -> None:
+    # A Linux file name that is not UTF-8 (os.fsdecode gives surrogate escapes), a lone surrogate
+    # from a JSON message id, and a NUL: neither engine can take them as they are.
+    raw = "/inbox/\udcff\udcfe.jpg"
+    failed = dataclasses.replace(_new(3, "", status="failed"), error=f"File not found: {raw}")
+    failed = dataclasses.replace(failed, sighting=Sighting("watch", raw, 10, 1.5))
+    item, _ = store.save(failed)
+    assert item["source_ref"] == r"/inbox/\xff\xfe.jpg"
+    assert item["error"] == r"File not found: /inbox/\xff\xfe.jpg"
+    message, _ = store.save(_new(4, "a dog", source="queue", ref="message:id-\ud800-\x00"))
+    assert message["source_ref"] == r"message:id-\ud800-\x00"
+    # The watcher looks up, and marks gone, by the raw name it has from the file system.
+    assert store.known_files(None, "/inbox/") == {r"/inbox/\xff\xfe.jpg": (10, 1.5)}
+    assert store.mark_gone("watch", raw) == 1
+    assert store.known_files(None, "/inbox/") == {}
 
 
 def test_filters_and_paging(store: CaptionRepository) -> None:

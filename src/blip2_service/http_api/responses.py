@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..domain import json_text
 from ..outcome import error_body
 
 NO_INPUT = "Must provide either url or file parameter, or POST a file"
@@ -28,7 +29,5 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 
 def _dumps(obj: Any) -> str:
-    import json
-
     # Emojis as themselves, not \ud83d escapes: humans read these bodies too.
-    return json.dumps(obj, ensure_ascii=False)
+    return json_text(obj)

@@ -21,8 +21,12 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
+
+from ..domain import utf8_text
 
 metadata = MetaData(
     naming_convention={
@@ -32,6 +36,23 @@ metadata = MetaData(
         "pk": "pk_%(table_name)s",
     }
 )
+
+
+class Utf8Text(TypeDecorator[str]):
+    """Text from outside (file names, message ids, error lines naming them), written as UTF-8.
+
+    A file name that is not UTF-8, or a lone surrogate from a JSON message, cannot be encoded
+    for either database, and Postgres refuses NUL: `utf8_text` spells those characters out. It
+    applies to every value bound to such a column, comparisons included, so a look-up by the
+    raw name finds the row stored under it. Same DDL as Text: no migration.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else utf8_text(value)
+
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; Postgres gets BIGINT identity.
 _Id = BigInteger().with_variant(Integer(), "sqlite")
@@ -54,7 +75,7 @@ sightings = Table(
     Column("id", _Id, primary_key=True, autoincrement=True),
     Column("image_sha256", String(64), ForeignKey("images.sha256"), nullable=False),
     Column("source", String(16), nullable=False),
-    Column("source_ref", Text, nullable=False),
+    Column("source_ref", Utf8Text, nullable=False),
     Column("file_size", BigInteger, nullable=True),
     Column("file_mtime", Float, nullable=True),
     Column("first_seen_at", DateTime(timezone=True), nullable=False),
@@ -78,10 +99,10 @@ captions = Table(
     Column("texts", JSON, nullable=False),
     Column("emoji_mappings", JSON, nullable=False),
     Column("emoji_words", Text, nullable=False),
-    Column("error", Text, nullable=True),
+    Column("error", Utf8Text, nullable=True),
     Column("processing_time", Float, nullable=False),
     Column("source", String(16), nullable=False),
-    Column("source_ref", Text, nullable=False),
+    Column("source_ref", Utf8Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("image_sha256", "model", "settings_key"),
     Index("ix_captions_source_id", "source", "id"),
