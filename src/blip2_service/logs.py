@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from datetime import UTC, datetime
 
 from aiohttp.http_exceptions import HttpProcessingError
+
+from .domain import json_text
 
 
 class JsonFormatter(logging.Formatter):
@@ -20,7 +21,7 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
-        return json.dumps(payload, ensure_ascii=False)
+        return json_text(payload)  # a file name that is not UTF-8 still makes a valid UTF-8 line
 
 
 class MalformedRequestFilter(logging.Filter):
