@@ -29,7 +29,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
         "watcher when WATCH_DIRS is set and the queue consumer when BROKER_URL is set.",
         "MODEL=tiny-random WATCH_DIRS=./inbox blip2-service serve",
         "PORT PRIVATE API_KEY MODEL DEVICE DTYPE COMPILE DATABASE_URL WATCH_DIRS FILE_ROOTS BROKER_URL "
-        "LOAD_WAIT_SECONDS LISTEN_AFTER_LOAD REQUEST_TIMEOUT",
+        "LOAD_WAIT_SECONDS LISTEN_AFTER_LOAD REQUEST_TIMEOUT MAX_CONNECTIONS",
     ),
     "watch": (
         "Watch folders and caption every image that arrives (no HTTP); WATCH_MODE=publish sends them "

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     health_details: bool = False
     request_timeout: float = Field(60, gt=0, le=3600)
+    max_connections: int = Field(0, ge=0, le=10_000_000)  # 0: half the open-file limit, at most 10,000
 
     # Model
     model: str = "Salesforce/blip2-opt-2.7b"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 
 from aiohttp.http_exceptions import HttpProcessingError
@@ -43,6 +44,36 @@ class MalformedRequestFilter(logging.Filter):
         return True
 
 
+class AcceptFailureFilter(logging.Filter):
+    """asyncio logs every failed accept() (EMFILE: out of file descriptors) at ERROR with a
+    traceback, and retries many times a second: hundreds of thousands of lines a minute. One
+    line a minute instead, saying how many were held back and what to do."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        super().__init__()
+        self.every = every
+        self._last = float("-inf")
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("socket.accept() out of system resource"):
+            return True
+        now = time.monotonic()
+        if now - self._last < self.every:
+            self._held += 1
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            "cannot accept HTTP connections: %s (%d more such failures since the last line); "
+            "raise the open-file limit (ulimit -n) or lower MAX_CONNECTIONS",
+            (exc or "out of a system resource", self._held),
+            None,
+            None,
+        )
+        self._last, self._held = now, 0
+        return True
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -58,3 +89,6 @@ def setup_logging(level: str, fmt: str) -> None:
     server = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, MalformedRequestFilter) for f in server.filters):
         server.addFilter(MalformedRequestFilter())
+    loop_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, AcceptFailureFilter) for f in loop_log.filters):
+        loop_log.addFilter(AcceptFailureFilter())

@@ -55,6 +55,11 @@ class Metrics:
             ["route", "status"],
             registry=self.registry,
         )
+        self.http_refused = Counter(
+            "blip2_http_connections_refused_total",
+            "New HTTP connections answered 503 and closed: MAX_CONNECTIONS were open",
+            registry=self.registry,
+        )
         self.queue_messages = Counter(
             "blip2_queue_messages_total", "Queue messages by outcome", ["outcome"], registry=self.registry
         )

@@ -26,6 +26,7 @@ from .config import ConfigError, Settings
 from .emoji import build_mapper
 from .fetching import UrlFetcher
 from .http_api.app import make_app
+from .http_api.capped_site import CappedSite, connection_ceiling, raise_open_file_limit
 from .http_api.context import HttpContext
 from .metrics import Metrics
 from .pipeline import CaptionPipeline, PipelineLimits, auto_prepare_workers
@@ -199,6 +200,18 @@ class Runtime:
             max_line_size=65536,
         )
 
+    def http_site(self, runner: web.AppRunner, port: int | None = None) -> CappedSite:
+        """Where `runner` listens: HOST and PORT (or `port`), at most MAX_CONNECTIONS open at once
+        (by default half the open-file limit, raised to its hard limit first)."""
+        limit = connection_ceiling(self.settings.max_connections, raise_open_file_limit())
+        return CappedSite(
+            runner,
+            self.settings.host,
+            self.settings.port if port is None else port,
+            limit=limit,
+            on_refused=self.metrics.http_refused.inc,
+        )
+
     # -- adapters -------------------------------------------------------------------------
 
     def start_adapters(self, *, watch: bool, consume: bool) -> None:
@@ -288,7 +301,7 @@ class Runtime:
                 raise ModelLoadError(self.holder.error or "the model failed to load")
         runner = self.app_runner()
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.host, self.settings.port)
+        site = self.http_site(runner)
         try:
             await site.start()
         except OSError as exc:
@@ -298,7 +311,7 @@ class Runtime:
                 f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror or exc} "
                 "(another service on that port? set PORT)"
             ) from None
-        log.info("listening on http://%s:%d", self.settings.host, self.settings.port)
+        log.info("listening on %s (at most %d connections)", site.name, site.limit)
         self._start_adapters_when_ready(watch=watch, consume=consume)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -249,6 +250,46 @@ async def test_slow_headers_and_a_never_finished_body_are_cut_off_at_the_deadlin
         elapsed, answer = await unfinished_chunks()
         assert elapsed < 4 and answer.startswith(b"HTTP/1.1 408"), answer[:80]
     finally:
+        await runner.cleanup()
+        await loop.run_in_executor(None, runtime.stop)
+
+
+async def test_past_max_connections_a_new_client_gets_a_readable_503_and_is_served_once_one_closes(
+    settings_factory: Callable[..., Any], loaded_holder: Any
+) -> None:
+    runtime = Runtime(settings_factory(max_connections=4, host="127.0.0.1"), holder=loaded_holder)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, runtime.start)
+    runner = runtime.app_runner()
+    await runner.setup()
+    site = runtime.http_site(runner, port=_free_port())
+    await site.start()
+    url = f"http://127.0.0.1:{site.port}/v3/analyze"
+    upload = {"data": image_bytes(61), "headers": {"Content-Type": "image/jpeg"}}
+    held = []
+    try:
+        for _ in range(4):  # clients that never finish their headers
+            _reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            held.append(writer)
+        assert runner.server is not None
+        deadline = loop.time() + 10
+        while len(runner.server.connections) < 4 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            async with session.post(url, **upload) as resp:  # its body is sent, drained, and the 503 read
+                assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+                assert "MAX_CONNECTIONS=4" in (await resp.json())["error"]["message"]
+            held.pop().close()
+            status = 503
+            while status == 503 and loop.time() < deadline + 10:
+                async with session.post(url, **upload) as resp:
+                    status = resp.status
+            assert status == 200
+        assert runtime.metrics.registry.get_sample_value("blip2_http_connections_refused_total") >= 1
+    finally:
+        for writer in held:
+            writer.close()
         await runner.cleanup()
         await loop.run_in_executor(None, runtime.stop)
 

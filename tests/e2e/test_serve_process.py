@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -148,3 +149,52 @@ def test_a_bad_setting_stops_the_start_with_one_line(tmp_path: Path, bad: dict[s
     assert len(lines) == 1
     name, value = next(iter(bad.items()))
     assert f"{name}='{value}'" in lines[0]
+
+
+def test_out_of_file_descriptors_the_log_says_so_once_a_minute_not_once_a_failed_accept(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    # MAX_CONNECTIONS set over what the open-file limit allows: accept() itself fails (EMFILE),
+    # which asyncio logs with a traceback, many times a second, for as long as it lasts.
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "WATCH", "BROKER", "DATABASE"))},
+        **{"PORT": str(port), "DATA_DIR": str(data_dir), "MODEL": "tiny-random", "MAX_CONNECTIONS": "1000"},
+        **{"DATABASE_URL": f"sqlite:///{tmp_path / 'e2e.db'}", "AUTO_UPDATE": "false", "REQUEST_TIMEOUT": "30"},
+    }
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "blip2_service.cli", "serve"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=low_limit,
+        )
+    held: list[socket.socket] = []
+    try:
+        _wait_for(port, {"loaded"})
+        for _ in range(300):  # more than the process can hold, until the listen backlog is full too
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=1)
+            except TimeoutError:
+                break
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            held.append(conn)
+        deadline = time.monotonic() + 30
+        while b"cannot accept HTTP connections" not in log_path.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2)  # unfiltered, asyncio writes thousands of lines in this time
+    finally:
+        for conn in held:
+            conn.close()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    log = log_path.read_text(errors="replace")
+    assert log.count("cannot accept HTTP connections: [Errno 24] Too many open files") == 1, log[-3000:]
+    assert "out of system resource" not in log and len(log.splitlines()) < 30, log[-3000:]
+    assert code == 0, log[-3000:]
