@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -433,6 +434,25 @@ def _fill(folder: Path) -> Path:
         while True:
             out.write(b"\0" * 4096)
     return filler
+
+
+async def test_a_database_locked_by_another_program_is_503_with_the_reason_then_writes_resume(
+    service: Any, make_image: Callable[..., bytes]
+) -> None:
+    client = await service()
+    db = Path(client.runtime.store.engine.url.database)  # type: ignore[attr-defined]
+    other = sqlite3.connect(db, isolation_level=None)  # a `sqlite3` shell left inside a transaction
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        post = await client.post("/v3/analyze", data=make_image(511), headers={"Content-Type": "image/jpeg"})
+        body = await post.json()
+        assert post.status == 503 and "database is locked" in body["error"]["message"], body
+        assert post.headers["Retry-After"]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    post = await client.post("/v3/analyze", data=make_image(511), headers={"Content-Type": "image/jpeg"})
+    assert post.status == 200 and (await post.json())["metadata"]["record_id"]
 
 
 async def test_a_full_disk_is_503_with_the_reason_and_the_store_takes_writes_once_space_is_freed(

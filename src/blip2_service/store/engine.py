@@ -8,6 +8,12 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+# How long a write waits for another SQLite writer's lock before it fails "database is locked".
+# Our own writes hold it for milliseconds; a lock held longer (a `sqlite3` shell left in a
+# transaction, a backup tool) is reported as the store being unavailable (503, retried) after
+# one such wait, not after minutes.
+SQLITE_BUSY_SECONDS = 5
+
 # A database host that vanishes without closing its connections (a network partition, a frozen
 # VM) would leave a query waiting ~15 minutes for the kernel to give up (tcp_retries2), with the
 # HTTP request, the health check or the watcher waiting behind it: unacknowledged data fails the
@@ -32,7 +38,7 @@ def make_engine(url: str, *, schema: str = "blip2", echo: bool = False) -> Engin
         engine = create_engine(
             url,
             echo=echo,
-            connect_args={"timeout": 30, "check_same_thread": False},
+            connect_args={"timeout": SQLITE_BUSY_SECONDS, "check_same_thread": False},
             pool_size=8,
             max_overflow=8,
         )
@@ -71,7 +77,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # timeout turns writer contention into a short wait instead of "database is locked".
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_SECONDS * 1000}")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..domain import GenerationSettings, TransientError
 from ..retry import STORE, Backoff
+from .engine import SQLITE_BUSY_SECONDS
 from .rows import CaptionItem, ImageDetail
 from .tables import captions, images, sightings
 
@@ -158,7 +159,10 @@ class CaptionRepository:
                 # Drop pooled connections: one opened while the file was read-only (or to a
                 # database that has since restarted) stays broken, a new one may not be.
                 self.engine.dispose()
-                if self.retry.gives_up_after(attempt):
+                # A lock held by another SQLite writer was already waited on for SQLITE_BUSY_SECONDS
+                # inside SQLite: waiting that long again per attempt would hold a request minutes.
+                locked = self.dialect == "sqlite" and "locked" in str(exc.orig)
+                if locked or self.retry.gives_up_after(attempt):
                     raise TransientError(
                         f"The store is unavailable ({what}): {str(exc.orig).strip().splitlines()[0]}",
                         retry_after=5,
@@ -200,7 +204,7 @@ class CaptionRepository:
                         raise
                 finally:
                     if self.dialect == "sqlite":
-                        conn.exec_driver_sql("PRAGMA busy_timeout=30000")
+                        conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_SECONDS * 1000}")
             return self._sqlite_disk_problem()
         except sa_exc.SQLAlchemyError as exc:
             self.engine.dispose()
