@@ -258,7 +258,7 @@ async def test_slow_headers_and_a_never_finished_body_are_cut_off_at_the_deadlin
 async def test_past_max_connections_a_new_client_gets_a_readable_503_and_is_served_once_one_closes(
     settings_factory: Callable[..., Any], loaded_holder: Any
 ) -> None:
-    runtime = Runtime(settings_factory(max_connections=4, host="127.0.0.1"), holder=loaded_holder)
+    runtime = Runtime(settings_factory(max_connections=4, private=True), holder=loaded_holder)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, runtime.start)
     runner = runtime.app_runner()
