@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,8 +83,23 @@ def peek_id(body: bytes) -> Any:
     return value if isinstance(value, str | int) else None
 
 
+# "data:image/jpeg;base64," as a browser's FileReader.readAsDataURL writes it.
+_DATA_URI = re.compile(r"data:[^,;]*(;[^,;]*)*;base64,", re.IGNORECASE)
+
+
 def decode_b64(value: str) -> bytes:
+    """image_b64 as clients write it: the standard or the URL-safe alphabet, padded or not,
+    wrapped in lines (`base64 photo.jpg`, MIME, Python's encodebytes) or as a data: URI. Anything
+    else outside the alphabet is refused, not skipped: a truncated or mangled image would
+    otherwise be captioned as whatever its bytes still decode to."""
+    head = _DATA_URI.match(value)
+    text = value[head.end() :] if head else value
     try:
-        return base64.b64decode(value, validate=True)
+        data = text.encode("ascii").translate(None, b" \t\r\n")
+        data += b"=" * (-len(data) % 4)
+        return base64.b64decode(data, altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
-        raise BadInput("image_b64 is not valid base64") from None
+        raise BadInput(
+            "image_b64 is not valid base64 (the standard or URL-safe alphabet; line breaks and a "
+            "data: prefix are fine)"
+        ) from None
