@@ -100,6 +100,5 @@ def decode_b64(value: str) -> bytes:
         return base64.b64decode(data, altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         raise BadInput(
-            "image_b64 is not valid base64 (the standard or URL-safe alphabet; line breaks and a "
-            "data: prefix are fine)"
+            "image_b64 is not valid base64 (the standard or URL-safe alphabet; line breaks and a data: prefix are fine)"
         ) from None
