@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .amqp_topology import BrokerUnavailable
@@ -17,6 +18,9 @@ from .config import ConfigError, Settings, load_settings
 from .domain import json_text
 from .logs import setup_logging
 from .store.migrate import StoreSetupError
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 log = logging.getLogger("blip2_service")
 
@@ -178,11 +182,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _exit_without_the_loader(runtime: Runtime, code: int) -> int:
+    """Stopped while the model still loads or compiles: end the process now.
+
+    Everything accepted has been finished by then (the runtime has stopped). The loader thread
+    cannot be interrupted, and left running into the interpreter's shutdown it fails (inductor's
+    compile pool takes no more work) and the process aborts, after a traceback, with SIGABRT.
+    """
+    if runtime.holder.busy:
+        log.info("stopped while the model was still %s: not waiting for it", runtime.holder.status)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     from .runtime import Runtime
 
-    asyncio.run(Runtime(settings).serve())
-    return 0
+    runtime = Runtime(settings)
+    asyncio.run(runtime.serve())
+    return _exit_without_the_loader(runtime, 0)
 
 
 def _watch(settings: Settings, args: argparse.Namespace) -> int:
@@ -193,7 +214,8 @@ def _watch(settings: Settings, args: argparse.Namespace) -> int:
         if not folder.is_dir():
             print(f"blip2-service: {folder} is not a folder", file=sys.stderr)
             return 2
-    return Runtime(settings).run_headless(watch=True, consume=False)
+    runtime = Runtime(settings)
+    return _exit_without_the_loader(runtime, runtime.run_headless(watch=True, consume=False))
 
 
 def _consume(settings: Settings, _args: argparse.Namespace) -> int:
@@ -205,7 +227,8 @@ def _consume(settings: Settings, _args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return Runtime(settings).run_headless(watch=False, consume=True)
+    runtime = Runtime(settings)
+    return _exit_without_the_loader(runtime, runtime.run_headless(watch=False, consume=True))
 
 
 def _caption(settings: Settings, args: argparse.Namespace) -> int:

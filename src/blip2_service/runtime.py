@@ -268,7 +268,16 @@ class Runtime:
             signal.signal(sig, lambda _s, _f: stop.set())
         # A publishing watcher only feeds the queue: it needs no model.
         needs_model = consume or self.settings.watch_mode == "caption"
-        self.start(background_model=False, load_model=needs_model)
+        # Loaded in the background, so a SIGTERM during a long load or warm-up is heard at once.
+        self.start(load_model=needs_model)
+        while needs_model and not self.holder.wait(0.2) and not stop.is_set():
+            if self.holder.status == "failed":
+                self.stop()
+                raise ModelLoadError(self.holder.error or "the model failed to load")
+        if stop.is_set() and needs_model and self.holder.status != "loaded":
+            log.info("stopping before the model is ready")
+            self.stop()
+            return 0
         self.start_adapters(watch=watch, consume=consume)
         if not self.adapters:
             log.error("nothing to run: set WATCH_DIRS or BROKER_URL")

@@ -198,3 +198,37 @@ def test_out_of_file_descriptors_the_log_says_so_once_a_minute_not_once_a_failed
     assert log.count("cannot accept HTTP connections: [Errno 24] Too many open files") == 1, log[-3000:]
     assert "out of system resource" not in log and len(log.splitlines()) < 30, log[-3000:]
     assert code == 0, log[-3000:]
+
+
+@pytest.mark.parametrize("command", ["serve", "watch"])
+def test_a_sigterm_while_the_compiled_step_warms_ends_the_process_at_once_and_cleanly(
+    tmp_path: Path, data_dir: Path, command: str
+) -> None:
+    # The loader thread cannot be interrupted; left running into the interpreter's shutdown it
+    # failed with a traceback and the process aborted (SIGABRT) seconds later.
+    (tmp_path / "inbox").mkdir()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "WATCH", "BROKER", "DATABASE"))},
+        **{"PORT": str(_free_port()), "DATA_DIR": str(data_dir), "MODEL": "tiny-random", "COMPILE": "on"},
+        **{"DATABASE_URL": f"sqlite:///{tmp_path / 'e2e.db'}", "AUTO_UPDATE": "false"},
+    }
+    args = ["serve"] if command == "serve" else ["watch", str(tmp_path / "inbox")]
+    log_path = tmp_path / "out.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "blip2_service.cli", *args], cwd=tmp_path, env=env, stdout=log_file, stderr=log_file
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while b"warming the compiled decode step" not in log_path.read_bytes() and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text(errors="replace")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = log_path.read_text(errors="replace")
+    assert code == 0, log[-3000:]
+    assert "stopped while the model was still warming: not waiting for it" in log
+    assert "Traceback" not in log and "terminate called" not in log, log[-3000:]

@@ -38,6 +38,11 @@ class ModelHolder:
         self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
         self._thread.start()
 
+    @property
+    def busy(self) -> bool:
+        """The background load is still reading weights or compiling (nothing can interrupt it)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def load_now(self) -> Captioner:
         """Load on the calling thread (CLI commands that need the model before anything else)."""
         self._load()
