@@ -49,6 +49,7 @@ def json_text(obj: Any) -> str:
 
 
 def has_unwritable(text: str) -> bool:
+    """Whether `text` holds a NUL or a lone surrogate (what `utf8_text` would spell out)."""
     return _UNWRITABLE.search(text) is not None
 
 

@@ -76,11 +76,9 @@ class _Refused(asyncio.Protocol):
 
     def __init__(self, response: bytes) -> None:
         self.response = response
-        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
         transport.write(self.response)
         if transport.can_write_eof():
             transport.write_eof()
@@ -103,7 +101,6 @@ class CappedSite(web.BaseSite):
         self.host = host
         self.port = port
         self.limit = limit
-        self.refused = 0
         self._on_refused = on_refused
         self._response = _busy_response(limit)
         self._last_log = float("-inf")
@@ -129,17 +126,15 @@ class CappedSite(web.BaseSite):
         )
 
     def _refuse(self) -> None:
-        self.refused += 1
         self._unlogged += 1
         if self._on_refused is not None:
             self._on_refused()
         now = time.monotonic()
         if now - self._last_log >= REFUSED_LOG_SECONDS:
             log.warning(
-                "refused %d new connections with 503: %d are open, MAX_CONNECTIONS=%d "
+                "refused %d new connections with 503: MAX_CONNECTIONS=%d are open "
                 "(clients that never finish a request are closed after REQUEST_TIMEOUT)",
                 self._unlogged,
-                self.limit,
                 self.limit,
             )
             self._last_log = now
