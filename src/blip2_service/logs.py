@@ -56,7 +56,12 @@ class AcceptFailureFilter(logging.Filter):
         self._held = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("socket.accept() out of system resource"):
+        message = str(record.msg)
+        if message.startswith("Exception in callback BaseSelectorEventLoop._start_serving"):
+            # asyncio schedules a retry per failed accept; those still pending when the listener
+            # closes fail on its closed socket, each with a traceback. Nothing is lost: drop them.
+            return False
+        if not message.startswith("socket.accept() out of system resource"):
             return True
         now = time.monotonic()
         if now - self._last < self.every:

@@ -189,11 +189,13 @@ def test_out_of_file_descriptors_the_log_says_so_once_a_minute_not_once_a_failed
         while b"cannot accept HTTP connections" not in log_path.read_bytes() and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(2)  # unfiltered, asyncio writes thousands of lines in this time
+        proc.send_signal(signal.SIGTERM)  # stopped while still out of descriptors
+        code = proc.wait(timeout=60)
     finally:
+        if proc.poll() is None:
+            proc.kill()
         for conn in held:
             conn.close()
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
     log = log_path.read_text(errors="replace")
     assert log.count("cannot accept HTTP connections: [Errno 24] Too many open files") == 1, log[-3000:]
     assert "out of system resource" not in log and len(log.splitlines()) < 30, log[-3000:]
