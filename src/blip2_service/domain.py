@@ -18,6 +18,11 @@ from typing import Any, Literal
 _UNWRITABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+def has_unwritable(text: str) -> bool:
+    """Whether `text` holds a NUL or a lone surrogate (what `utf8_text` would spell out)."""
+    return _UNWRITABLE.search(text) is not None
+
+
 def utf8_text(text: str) -> str:
     """`text` as something UTF-8, SQLite, Postgres and every JSON reader can carry.
 
@@ -27,8 +32,6 @@ def utf8_text(text: str) -> str:
     `\\ud800` for another lone surrogate, `\\x00` for NUL) so the name stays readable; anything
     else, backslashes included, is kept as it is.
     """
-    if _UNWRITABLE.search(text) is None:
-        return text
     return _UNWRITABLE.sub(_spelled, text)
 
 
@@ -42,15 +45,7 @@ def _spelled(match: re.Match[str]) -> str:
 def json_text(obj: Any) -> str:
     """JSON for people to read (emojis as themselves, not escapes) that encodes as UTF-8: a lone
     surrogate in a string is written as `utf8_text` spells it."""
-    text = json.dumps(obj, ensure_ascii=False)
-    if _UNWRITABLE.search(text) is None:
-        return text
-    return _UNWRITABLE.sub(lambda m: _spelled(m).replace("\\", "\\\\"), text)
-
-
-def has_unwritable(text: str) -> bool:
-    """Whether `text` holds a NUL or a lone surrogate (what `utf8_text` would spell out)."""
-    return _UNWRITABLE.search(text) is not None
+    return _UNWRITABLE.sub(lambda m: _spelled(m).replace("\\", "\\\\"), json.dumps(obj, ensure_ascii=False))
 
 
 class Source(StrEnum):

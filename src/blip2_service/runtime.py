@@ -270,14 +270,13 @@ class Runtime:
         needs_model = consume or self.settings.watch_mode == "caption"
         # Loaded in the background, so a SIGTERM during a long load or warm-up is heard at once.
         self.start(load_model=needs_model)
-        while needs_model and not self.holder.wait(0.2) and not stop.is_set():
-            if self.holder.status == "failed":
+        while needs_model and not self.holder.wait(0.2):
+            if self.holder.status == "failed" or stop.is_set():
                 self.stop()
-                raise ModelLoadError(self.holder.error or "the model failed to load")
-        if stop.is_set() and needs_model and self.holder.status != "loaded":
-            log.info("stopping before the model is ready")
-            self.stop()
-            return 0
+                if self.holder.status == "failed":
+                    raise ModelLoadError(self.holder.error or "the model failed to load")
+                log.info("stopping before the model is ready")
+                return 0
         self.start_adapters(watch=watch, consume=consume)
         if not self.adapters:
             log.error("nothing to run: set WATCH_DIRS or BROKER_URL")
