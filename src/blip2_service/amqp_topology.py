@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from amqp.exceptions import PreconditionFailed
 from kombu import Connection, Exchange, Queue
 from kombu.exceptions import OperationalError as KombuOperationalError
 
+from .domain import TooLarge
 from .queue_protocol import DEAD_SUFFIX
 
 
@@ -65,6 +67,25 @@ def broker_errors(conn: Connection) -> tuple[type[BaseException], ...]:
     OperationalError (`ensure_connection`), a lost connection or channel as the transport's (for
     RabbitMQ's, socket errors among them: OSError)."""
     return (*conn.connection_errors, *conn.channel_errors, KombuOperationalError, OSError)
+
+
+def too_large_for_broker(exc: BaseException) -> TooLarge | None:
+    """A publish RabbitMQ refused for its size, as the 413 to report; None for any other error.
+
+    The broker takes messages up to its `max_message_size` (128 MiB by default in RabbitMQ 3.x,
+    16 MiB in 4.x) and tells no client the figure in advance: a bigger one closes the publishing
+    channel with 406 PRECONDITION_FAILED (py-amqp reopens it) and the connection lives on. Retrying
+    cannot help, and it is not the broker being away: the sender's fault, said as such.
+    """
+    if not isinstance(exc, PreconditionFailed):
+        return None
+    text = str(getattr(exc, "reply_text", "") or exc)
+    if "larger than configured max size" not in text:
+        return None
+    text = text.removeprefix("PRECONDITION_FAILED - ")
+    return TooLarge(
+        f"The image is too large for the queue ({text}); send a smaller one or raise RabbitMQ's max_message_size"
+    )
 
 
 class BrokerUnavailable(Exception):

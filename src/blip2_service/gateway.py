@@ -26,7 +26,7 @@ from typing import Any
 
 from kombu import Consumer, Producer, Queue
 
-from .amqp_topology import Topology, connect
+from .amqp_topology import Topology, connect, too_large_for_broker
 from .domain import CaptionRequest, CaptionResult, EmojiMapping, ModelNotReady, Prediction
 from .retry import WORK, Backoff
 
@@ -197,16 +197,30 @@ class QueueGateway:
                 body, correlation = self._outbox.get_nowait()
             except queue.Empty:
                 return
-            producer.publish(
-                body,
-                exchange="",
-                routing_key=self.topology.queue_name,
-                serializer="json",
-                delivery_mode=2,
-                reply_to=self._reply_queue.name,
-                correlation_id=correlation,
-                message_id=correlation,
-            )
+            try:
+                producer.publish(
+                    body,
+                    exchange="",
+                    routing_key=self.topology.queue_name,
+                    serializer="json",
+                    delivery_mode=2,
+                    reply_to=self._reply_queue.name,
+                    correlation_id=correlation,
+                    message_id=correlation,
+                )
+            except Exception as exc:
+                # Over the broker's max_message_size: that request's 413, at once (not a
+                # GATEWAY_TIMEOUT later), and the connection, with everyone else's replies, lives on.
+                refused = too_large_for_broker(exc)
+                if refused is None:
+                    raise
+                self._refuse(correlation, refused)
+
+    def _refuse(self, correlation: str, error: Exception) -> None:
+        with self._lock:
+            waiting = self._waiting.pop(correlation, None)
+        if waiting is not None and not waiting[0].done():
+            waiting[0].set_exception(error)
 
     def _on_reply(self, body: Any, message: Any) -> None:
         message.ack()

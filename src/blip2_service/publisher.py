@@ -16,9 +16,9 @@ from typing import Any
 
 from kombu import Consumer, Producer, Queue
 
-from .amqp_topology import BrokerUnavailable, Topology, broker_errors, connect, wait_for_broker
+from .amqp_topology import BrokerUnavailable, Topology, broker_errors, connect, too_large_for_broker, wait_for_broker
 from .config import Settings
-from .domain import json_text
+from .domain import TooLarge, json_text
 from .retry import PUBLISH, Backoff
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ class QueuePublisher:
         self, request: dict[str, Any], *, reply_to: str | None = None, correlation_id: str | None = None
     ) -> None:
         """Send one request; returns once the broker has it (publisher confirms), or raises
-        BrokerUnavailable (one line) when the last try failed."""
+        BrokerUnavailable (one line) when the last try failed, or TooLarge at once when the broker
+        refuses the message for its size."""
         message_id = str(uuid.uuid4())  # one id for every try (a lost confirm may mean the broker has it twice)
         attempt = 0
         while True:
@@ -61,6 +62,9 @@ class QueuePublisher:
                     )
                     return
                 except self._errors as exc:
+                    refused = too_large_for_broker(exc)
+                    if refused is not None:
+                        raise refused from None  # the channel lives on (py-amqp reopens it)
                     self._drop()
                     if self.backoff.gives_up_after(attempt):
                         tries = f" after {attempt} tries" if attempt > 1 else ""
@@ -137,13 +141,19 @@ def publish_paths(
                 if prompt:
                     request["prompt"] = prompt
                 correlation = uuid.uuid4().hex
-                expected[correlation] = path
-                publisher.publish(
-                    request, reply_to=reply_queue.name if reply_queue else None, correlation_id=correlation
-                )
+                try:
+                    publisher.publish(
+                        request, reply_to=reply_queue.name if reply_queue else None, correlation_id=correlation
+                    )
+                except TooLarge as exc:  # this file only: say so in the results' shape, send the rest
+                    failures += 1
+                    refused = {"path": str(path), "status": "error", "error": {"message": exc.message}}
+                    print(json_text(refused), flush=True)
+                else:
+                    expected[correlation] = path
                 bar.update()
         if connection is None:
-            return 0
+            return 1 if failures else 0
         deadline = time.monotonic() + timeout
         with tqdm(total=len(files), unit="img", desc="results", file=sys.stderr, disable=None) as bar:
             while len(results) < len(expected) and time.monotonic() < deadline:

@@ -720,6 +720,89 @@ def test_the_gateway_reconnects_when_the_broker_returns_and_a_stop_while_it_is_g
         proxy.stop()
 
 
+@pytest.fixture
+def broker_max_message_size(broker: str) -> Iterator[int]:
+    """RabbitMQ's max_message_size lowered to 1 MiB for one test (a 4.x broker's default is 16 MiB;
+    a 2 MiB image stands in for a 20 MiB one), then put back. It is the broker's own setting, set
+    at run time through `rabbitmqctl eval`: this needs the broker on this machine."""
+    import shutil
+
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        service_missing("rabbitmqctl", "the test sets the broker's max_message_size through it")
+    assert ctl is not None
+
+    def erl(expression: str) -> str:
+        done = subprocess.run([ctl, "eval", expression], capture_output=True, text=True, timeout=60, check=True)
+        return done.stdout.strip()
+
+    before = erl("application:get_env(rabbit, max_message_size).")
+    limit = 1 << 20
+    erl(f"application:set_env(rabbit, max_message_size, {limit}).")
+    try:
+        yield limit
+    finally:
+        value = re.fullmatch(r"\{ok,(\d+)\}", before)
+        if value:
+            erl(f"application:set_env(rabbit, max_message_size, {value.group(1)}).")
+        else:
+            erl("application:unset_env(rabbit, max_message_size).")
+
+
+def test_an_image_over_the_brokers_message_size_is_a_413_at_once_and_everyone_else_goes_on(
+    broker_max_message_size: int,
+    broker: str,
+    topology: Topology,
+    start_consumer: Callable[..., QueueConsumer],
+    sqlite_store: CaptionRepository,
+    tmp_path: Path,
+) -> None:
+    """RabbitMQ closes the publishing channel on a message over its max_message_size. The gateway
+    held such an upload for GATEWAY_TIMEOUT, then blamed busy workers (a 503 the client retries
+    for ever), and reconnected, losing the replies everyone else was waiting for; `publish --embed`
+    retried it, then blamed the broker's address."""
+    from blip2_service.domain import TooLarge
+    from blip2_service.gateway import QueueGateway
+
+    big = image_bytes(1, size=(700, 700), fmt="PNG")
+    assert len(big) > broker_max_message_size
+    start_consumer(sqlite_store)
+    gateway = QueueGateway(broker, topology, timeout=60)
+    gateway.start()
+    publisher = QueuePublisher(broker, topology, backoff=Backoff(0.1, 0.2, 5))
+    try:
+        wait_until(lambda: gateway.health()["workers"] == 1, 30, "the gateway to see the worker")
+        small = [
+            gateway.submit(CaptionRequest(Source.HTTP, f"upload-{i}", image_bytes(i + 10), FAST)) for i in range(3)
+        ]
+        refused = gateway.submit(CaptionRequest(Source.HTTP, "big-upload", big, FAST))
+        with pytest.raises(TooLarge, match=r"too large for the queue.*max_message_size") as caught:
+            refused.result(timeout=20)  # not GATEWAY_TIMEOUT (60 s) later
+        assert caught.value.status == 413
+        assert all(f.result(timeout=60).status == "succeeded" for f in small)
+        after = gateway.submit(CaptionRequest(Source.HTTP, "after", image_bytes(20), FAST))
+        assert after.result(timeout=60).status == "succeeded"
+        assert gateway.health()["reconnects"] == 0 and gateway.health()["state"] == "connected"
+
+        with pytest.raises(TooLarge, match="too large for the queue"):
+            publisher.publish({"id": "big", "image_b64": base64.b64encode(big).decode()})
+        publisher.publish({"id": "small", "path": "/x/small.jpg"})  # the same publisher goes on
+
+        (tmp_path / "a-big.png").write_bytes(big)
+        (tmp_path / "b-small.jpg").write_bytes(image_bytes(21))
+        env = {**os.environ, "BROKER_URL": broker, "QUEUE_NAME": topology.queue_name}
+        env["RESULTS_EXCHANGE"] = topology.results_exchange_name
+        command = [sys.executable, "-m", "blip2_service.cli", "publish", "--embed", str(tmp_path)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr
+        (line,) = [json.loads(line) for line in done.stdout.splitlines()]  # the refused file, the other sent
+        assert line["path"].endswith("a-big.png") and line["status"] == "error"
+        assert "max_message_size" in line["error"]["message"] and "Traceback" not in done.stderr
+    finally:
+        gateway.stop(timeout=10)
+        publisher.close()
+
+
 def test_a_publish_that_meets_a_dead_broker_raises_or_waits_it_out_and_the_publisher_recovers(
     broker: str, topology: Topology, caplog: pytest.LogCaptureFixture
 ) -> None:
