@@ -157,12 +157,12 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
                     self._declare_topology()
                     for _ in self.consume(limit=None, safety_interval=0.05):
                         pass
-                except PreconditionFailed as exc:
+                except _TopologyMismatch as exc:
                     # The queue exists with other arguments: retrying cannot help, and every retry
                     # would look like a broker outage. Stop, saying what differs and what to do.
                     self.state = "failed"
                     self.last_error = (
-                        f"queue {self.topology.queue_name!r} exists with other arguments ({exc.reply_text}); "
+                        f"queue {self.topology.queue_name!r} exists with other arguments ({exc}); "
                         f"delete it or set QUEUE_NAME to another queue (README, 'Queue topology')"
                     )
                     log.error("queue consumer stopped: %s", self.last_error)
@@ -194,7 +194,16 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         connection and retry it forever, where we want to stop with the reason."""
         with self.connection.clone() as conn:
             conn.ensure_connection(max_retries=0)  # one attempt: `_run` owns the waiting
-            self.topology.declare(conn.channel())
+            self._declare(conn.channel())
+
+    def _declare(self, channel: Any) -> None:
+        """Only here does PRECONDITION_FAILED mean a queue declared with other arguments. The
+        broker closes a channel with the same code for other reasons (a delivery held unacked past
+        its consumer_timeout), and those are a reconnect, not a reason to stop."""
+        try:
+            self.topology.declare(channel)
+        except PreconditionFailed as exc:
+            raise _TopologyMismatch(exc.reply_text) from exc
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop taking messages, finish and ack those in flight, then close. Once: a second call
@@ -246,7 +255,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         self._retries.clear()
 
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **kwargs: Any) -> None:
-        self.topology.declare(channel)
+        self._declare(channel)
         self._consumers = list(consumers)
         if self.state != "connected":
             log.info("queue consumer connected to %s, consuming %s", connection.as_uri(), self.topology.queue_name)
@@ -256,6 +265,15 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         self.counts["reconnects"] += 1
         self.state = "reconnecting"
         self.last_error = f"broker: {exc}"
+        if "acknowledgement" in str(exc) and "timed out" in str(exc):
+            # Messages held past the broker's consumer_timeout (30 min by default) while the store
+            # was down: the broker took them back and will deliver them again. Nothing is lost.
+            log.warning(
+                "the broker took back the messages held unacknowledged past its consumer_timeout "
+                "(waiting on the store or the model); they will be redelivered. Reconnecting in %.1fs",
+                interval,
+            )
+            return
         log.warning("broker connection failed (%s); retrying in %.1fs", exc, interval)
 
     def on_iteration(self) -> None:
@@ -445,6 +463,10 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
             retry_policy=_PUBLISH_RETRY,
             **kept,
         )
+
+
+class _TopologyMismatch(Exception):
+    """The broker refused to declare the queue as this service declares it."""
 
 
 # AMQP properties a dead-lettered copy keeps, so whoever reads the dead queue can match it up.

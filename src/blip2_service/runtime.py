@@ -282,7 +282,14 @@ class Runtime:
             log.error("nothing to run: set WATCH_DIRS or BROKER_URL")
             self.stop()
             return 2
-        stop.wait()
+        while not stop.wait(1.0):
+            # A consumer that stopped for good (a queue declared with other arguments) leaves a
+            # process that does nothing: exit 1 with its reason, so someone is told.
+            failed = [a for a in self.adapters if a.health().get("state") == "failed"]
+            if failed:
+                reason = failed[0].health().get("last_error")
+                self.stop()
+                raise ConfigError(f"the {failed[0].name} consumer stopped: {reason}")
         log.info("stopping: finishing accepted work")
         self.stop()
         return 0

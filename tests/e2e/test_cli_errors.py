@@ -194,3 +194,29 @@ def test_serve_with_a_broker_that_stays_unreachable_exits_with_one_line(tmp_path
     dead_port = _dead_port()
     env = _env(tmp_path, data_dir, BROKER_URL=f"amqp://guest:guest@127.0.0.1:{dead_port}//", STARTUP_TIMEOUT="2")
     _one_line(_cli("serve", env=env, cwd=tmp_path), "cannot reach the broker", "BROKER_URL")
+
+
+@pytest.mark.rabbitmq
+def test_consume_on_a_queue_declared_with_other_arguments_exits_with_one_line(tmp_path: Path, data_dir: Path) -> None:
+    """The consumer stops for good there; the process went on running, consuming nothing, and
+    only its log said why."""
+    import uuid
+
+    from kombu import Connection
+
+    url = _rabbit()
+    name = f"blip2.cli.{uuid.uuid4().hex[:8]}"
+    env = _env(tmp_path, data_dir, BROKER_URL=url, QUEUE_NAME=name, RESULTS_EXCHANGE=f"{name}.results")
+    with Connection(url) as conn:
+        conn.channel().queue_declare(name, durable=True, auto_delete=False)  # no dead-letter arguments
+    try:
+        done = _cli("consume", env=env, cwd=tmp_path, timeout=120)
+        _one_line(done, "queue consumer stopped", "exists with other arguments", "QUEUE_NAME")
+        assert done.returncode == 1
+    finally:
+        with Connection(url) as conn:
+            channel = conn.channel()
+            for queue in (name, f"{name}.dead"):
+                channel.queue_delete(queue)
+            for exchange in (f"{name}.results", f"{name}.dead"):
+                channel.exchange_delete(exchange)

@@ -494,6 +494,44 @@ def test_a_store_outage_delays_but_loses_nothing(
     engine.dispose()
 
 
+def test_messages_held_past_the_brokers_consumer_timeout_come_back_and_the_consumer_goes_on(
+    broker_settings: BrokerSettings,
+    start_consumer: Callable[..., QueueConsumer],
+    pg_url: str,
+    publisher: QueuePublisher,
+    results: Results,
+    broker: str,
+    topology: Topology,
+) -> None:
+    """A store outage longer than RabbitMQ's consumer_timeout (30 min by default; 2 s here, checked
+    every second): the broker closes the channel with PRECONDITION_FAILED, which the consumer took
+    for a queue declared with other arguments, and it stopped consuming for good."""
+    broker_settings.set("consumer_timeout", 2000)
+    broker_settings.set("channel_tick_interval", 500)
+    real = make_url(pg_url)
+    proxy = TcpProxy(real.host or "127.0.0.1", real.port or 5432)
+    proxy.start()
+    engine = make_engine(real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
+    upgrade(engine)
+    store = CaptionRepository(engine, Backoff(0.1, 0.5, 2))
+    consumer = start_consumer(store)
+    proxy.stop()  # Postgres connections refused from here on
+    try:
+        for i in range(4):
+            publisher.publish({"id": f"t{i}", "image_b64": base64.b64encode(image_bytes(850 + i)).decode()})
+        wait_until(lambda: consumer.health()["reconnects"] >= 1, 60, "the broker to take the messages back")
+        assert consumer.health()["state"] != "failed", consumer.health()["last_error"]
+        proxy.start()
+        items = results.wait(4, timeout=120)
+        assert sorted(body["request"]["id"] for _key, body in items) == ["t0", "t1", "t2", "t3"]
+        assert _count(store) == 4
+        wait_until(lambda: _queue_depth(broker, topology.queue_name) == 0, 30, "an empty queue")
+        assert consumer.health()["state"] == "connected"
+    finally:
+        proxy.stop()
+        engine.dispose()
+
+
 # -- real processes ---------------------------------------------------------------------------
 
 
@@ -720,37 +758,50 @@ def test_the_gateway_reconnects_when_the_broker_returns_and_a_stop_while_it_is_g
         proxy.stop()
 
 
+class BrokerSettings:
+    """RabbitMQ's own settings (the `rabbit` application's environment), changed at run time
+    through `rabbitmqctl eval` for one test and put back after it: this needs the broker on this
+    machine. Channels opened after a change see it."""
+
+    def __init__(self, ctl: str) -> None:
+        self.ctl = ctl
+        self.saved: dict[str, str] = {}
+
+    def _eval(self, expression: str) -> str:
+        done = subprocess.run([self.ctl, "eval", expression], capture_output=True, text=True, timeout=60, check=True)
+        return done.stdout.strip()
+
+    def set(self, name: str, value: int) -> None:
+        if name not in self.saved:
+            self.saved[name] = self._eval(f"application:get_env(rabbit, {name}).")
+        self._eval(f"application:set_env(rabbit, {name}, {value}).")
+
+    def restore(self) -> None:
+        for name, before in self.saved.items():
+            value = re.fullmatch(r"\{ok,(\d+)\}", before)
+            if value:
+                self._eval(f"application:set_env(rabbit, {name}, {value.group(1)}).")
+            else:
+                self._eval(f"application:unset_env(rabbit, {name}).")
+
+
 @pytest.fixture
-def broker_max_message_size(broker: str) -> Iterator[int]:
-    """RabbitMQ's max_message_size lowered to 1 MiB for one test (a 4.x broker's default is 16 MiB;
-    a 2 MiB image stands in for a 20 MiB one), then put back. It is the broker's own setting, set
-    at run time through `rabbitmqctl eval`: this needs the broker on this machine."""
+def broker_settings(broker: str) -> Iterator[BrokerSettings]:
     import shutil
 
     ctl = shutil.which("rabbitmqctl")
     if ctl is None:
-        service_missing("rabbitmqctl", "the test sets the broker's max_message_size through it")
+        service_missing("rabbitmqctl", "the test changes the broker's settings through it")
     assert ctl is not None
-
-    def erl(expression: str) -> str:
-        done = subprocess.run([ctl, "eval", expression], capture_output=True, text=True, timeout=60, check=True)
-        return done.stdout.strip()
-
-    before = erl("application:get_env(rabbit, max_message_size).")
-    limit = 1 << 20
-    erl(f"application:set_env(rabbit, max_message_size, {limit}).")
+    settings = BrokerSettings(ctl)
     try:
-        yield limit
+        yield settings
     finally:
-        value = re.fullmatch(r"\{ok,(\d+)\}", before)
-        if value:
-            erl(f"application:set_env(rabbit, max_message_size, {value.group(1)}).")
-        else:
-            erl("application:unset_env(rabbit, max_message_size).")
+        settings.restore()
 
 
 def test_an_image_over_the_brokers_message_size_is_a_413_at_once_and_everyone_else_goes_on(
-    broker_max_message_size: int,
+    broker_settings: BrokerSettings,
     broker: str,
     topology: Topology,
     start_consumer: Callable[..., QueueConsumer],
@@ -764,8 +815,10 @@ def test_an_image_over_the_brokers_message_size_is_a_413_at_once_and_everyone_el
     from blip2_service.domain import TooLarge
     from blip2_service.gateway import QueueGateway
 
+    # 1 MiB stands in for a RabbitMQ 4.x's default of 16 MiB (and a 2 MiB image for a 20 MiB one).
+    broker_settings.set("max_message_size", 1 << 20)
     big = image_bytes(1, size=(700, 700), fmt="PNG")
-    assert len(big) > broker_max_message_size
+    assert len(big) > 1 << 20
     start_consumer(sqlite_store)
     gateway = QueueGateway(broker, topology, timeout=60)
     gateway.start()
