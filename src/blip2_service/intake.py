@@ -15,12 +15,13 @@ caller cannot probe which files exist outside the roots by telling 403 from 404.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +155,18 @@ async def read_stream(
         if total > max_bytes:
             raise TooLarge(f"The upload is over MAX_FILE_SIZE={max_bytes} bytes; send a smaller image")
         chunks.append(chunk)
+
+
+@contextlib.asynccontextmanager
+async def body_deadline(deadline: float) -> AsyncIterator[None]:
+    """The whole body by the loop time `deadline` (408 past it), its framing included: a multipart
+    form's part headers and the fields before `file`, which a client could trickle for ever where
+    only the image's own bytes were timed."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            yield
+    except TimeoutError:
+        raise _too_slow() from None
 
 
 def _too_slow() -> RequestTimedOut:

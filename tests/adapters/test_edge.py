@@ -245,11 +245,39 @@ async def test_slow_headers_and_a_never_finished_body_are_cut_off_at_the_deadlin
         writer.close()
         return answered, answer
 
+    async def trickled_form(opening: bytes) -> tuple[float, bytes]:
+        """A multipart form that opens with `opening`, then drips a byte every 0.2 s: a field
+        before `file`, or a part's headers, were read with no deadline, for as long as it dripped."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        writer.write(
+            b"POST /v3/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(opening), opening)
+        )
+        answer = b""
+        while not answer and time.monotonic() - started < 8:
+            try:
+                writer.write(b"1\r\na\r\n")
+                await writer.drain()
+                answer = await asyncio.wait_for(reader.readuntil(b"\r\n"), 0.2)
+            except TimeoutError:
+                continue
+            except (ConnectionError, asyncio.IncompleteReadError):
+                break
+        writer.close()
+        return time.monotonic() - started, answer
+
     try:
         took = await asyncio.gather(*(slowloris() for _ in range(5)))
         assert all(t < 4 for t in took), took
         elapsed, answer = await unfinished_chunks()
         assert elapsed < 4 and answer.startswith(b"HTTP/1.1 408"), answer[:80]
+        for opening in (
+            b'--XyZ\r\nContent-Disposition: form-data; name="note"\r\n\r\n',  # a field before `file`
+            b"--XyZ\r\nContent-Disposition: form-data; name=",  # a part's headers
+        ):
+            elapsed, answer = await trickled_form(opening)
+            assert elapsed < 4 and answer.startswith(b"HTTP/1.1 408"), (opening, elapsed, answer[:80])
     finally:
         await runner.cleanup()
         await loop.run_in_executor(None, runtime.stop)

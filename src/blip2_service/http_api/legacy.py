@@ -21,7 +21,7 @@ from ..domain import (
     TransientError,
     Unsupported,
 )
-from ..intake import check_prompt, check_size, public_url, read_path, read_stream
+from ..intake import body_deadline, check_prompt, check_size, public_url, read_path, read_stream
 from ..outcome import success_body
 from .context import CONTEXT, HttpContext
 from .responses import NO_INPUT, error_response, json_response
@@ -59,14 +59,17 @@ async def _read_upload(request: web.Request, limit: int, deadline: float) -> tup
     check_size(request.content_length, limit)
     try:
         if ctype.startswith("multipart/"):
-            try:
-                reader = await request.multipart()
-            except (ValueError, AssertionError, KeyError) as exc:
-                raise BadInput(f"The multipart body cannot be read ({exc}); send it as -F file=@photo.jpg") from None
-            async for part in reader:
-                if isinstance(part, BodyPartReader) and part.name in ("file", "image"):
-                    data = await read_stream(partial(part.read_chunk, 65536), limit, deadline=deadline)
-                    return data, f"upload:{part.filename or 'file'}"
+            async with body_deadline(deadline):
+                try:
+                    reader = await request.multipart()
+                except (ValueError, AssertionError, KeyError) as exc:
+                    raise BadInput(
+                        f"The multipart body cannot be read ({exc}); send it as -F file=@photo.jpg"
+                    ) from None
+                async for part in reader:
+                    if isinstance(part, BodyPartReader) and part.name in ("file", "image"):
+                        data = await read_stream(partial(part.read_chunk, 65536), limit, deadline=deadline)
+                        return data, f"upload:{part.filename or 'file'}"
             raise BadInput("The multipart form has no 'file' field; send the image as -F file=@photo.jpg")
         if ctype.startswith("image/") or ctype == "application/octet-stream":
             return await read_stream(lambda: request.content.read(65536), limit, deadline=deadline), "upload"
