@@ -57,6 +57,14 @@ class Topology:
         self.request_queue(channel).declare()
 
 
+# How long the consumer's and the gateway's loops wait for the broker before they look at their own
+# queues again (results to reply with, requests to publish): kombu's wait cannot be woken, so each
+# hop of an RPC waited up to this long. At 50 ms a request through the gateway paid ~100 ms for its
+# two hops; at 5 ms it pays ~5, and an idle loop's 200 wake-ups a second cost no CPU that shows
+# (bench/gateway_latency.py, bench/RESULTS.md).
+POLL_SECONDS = 0.005
+
+
 def connect(broker_url: str, **kwargs: Any) -> Connection:
     # Confirms: a publish returns only once the broker has the message, so we can ack after it.
     return Connection(broker_url, heartbeat=30, transport_options={"confirm_publish": True}, **kwargs)

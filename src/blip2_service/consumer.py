@@ -27,7 +27,7 @@ from amqp.exceptions import PreconditionFailed
 from kombu import Connection, Message
 from kombu.mixins import ConsumerProducerMixin
 
-from .amqp_topology import Topology, broker_errors, connect
+from .amqp_topology import POLL_SECONDS, Topology, broker_errors, connect
 from .config import Settings
 from .domain import (
     CaptionError,
@@ -155,7 +155,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
             while not self.should_stop:
                 try:
                     self._declare_topology()
-                    for _ in self.consume(limit=None, safety_interval=0.05):
+                    for _ in self.consume(limit=None, safety_interval=POLL_SECONDS):
                         pass
                 except _TopologyMismatch as exc:
                     # The queue exists with other arguments: retrying cannot help, and every retry

@@ -26,7 +26,7 @@ from typing import Any
 
 from kombu import Consumer, Producer, Queue
 
-from .amqp_topology import Topology, connect, too_large_for_broker
+from .amqp_topology import POLL_SECONDS, Topology, connect, too_large_for_broker
 from .domain import CaptionRequest, CaptionResult, EmojiMapping, ModelNotReady, Prediction
 from .retry import WORK, Backoff
 
@@ -180,7 +180,7 @@ class QueueGateway:
                 self._send_pending(producer)
                 self._expire_overdue()
                 with contextlib.suppress(TimeoutError, socket.timeout):
-                    conn.drain_events(timeout=0.05)
+                    conn.drain_events(timeout=POLL_SECONDS)
 
     def _consumer_count(self, conn: Any) -> int:
         declared = conn.channel()
