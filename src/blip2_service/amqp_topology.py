@@ -6,6 +6,7 @@ refuses a redeclaration with different ones), so they are built in one place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,8 +101,18 @@ class BrokerUnavailable(Exception):
     """The broker could not be reached within STARTUP_TIMEOUT; the message is one line."""
 
 
-def wait_for_broker(broker_url: str, timeout: float, first: float = 1.0, most: float = 5.0) -> None:
-    """Connect, retrying with backoff for up to `timeout` seconds, one log line per attempt."""
+def wait_for_broker(
+    broker_url: str,
+    timeout: float,
+    first: float = 1.0,
+    most: float = 5.0,
+    stopped: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Connect, retrying with backoff for up to `timeout` seconds, one log line per attempt.
+
+    True once connected; False as soon as `stopped()` says the process is stopping (a SIGTERM
+    while the broker is away must not wait out STARTUP_TIMEOUT).
+    """
     import logging
     import time
 
@@ -113,7 +124,7 @@ def wait_for_broker(broker_url: str, timeout: float, first: float = 1.0, most: f
         conn = connect(broker_url)
         try:
             conn.ensure_connection(max_retries=0)  # one attempt: this loop does the waiting
-            return
+            return True
         except broker_errors(conn) as exc:
             waited = time.monotonic() - started
             where = conn.as_uri()
@@ -130,6 +141,10 @@ def wait_for_broker(broker_url: str, timeout: float, first: float = 1.0, most: f
                 exc,
                 delay,
             )
-            time.sleep(delay)
+            until = time.monotonic() + delay
+            while time.monotonic() < until:
+                if stopped():
+                    return False
+                time.sleep(min(0.1, max(0.0, until - time.monotonic())))
         finally:
             conn.release()

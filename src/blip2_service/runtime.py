@@ -214,8 +214,9 @@ class Runtime:
 
     # -- adapters -------------------------------------------------------------------------
 
-    def start_adapters(self, *, watch: bool, consume: bool) -> None:
-        """Start the watcher and/or consumer (once the model is ready: they feed it without pause)."""
+    def start_adapters(self, *, watch: bool, consume: bool, stopped: Callable[[], bool] = lambda: False) -> None:
+        """Start the watcher and/or consumer (once the model is ready: they feed it without pause).
+        `stopped`: the process is stopping; the consumer's wait for its broker ends then."""
         s = self.settings
         if watch and s.watch_dirs:
             from .watcher import FolderWatcher
@@ -239,23 +240,24 @@ class Runtime:
             from .amqp_topology import wait_for_broker
             from .consumer import QueueConsumer
 
-            wait_for_broker(s.broker_url, s.startup_timeout)
+            if not wait_for_broker(s.broker_url, s.startup_timeout, stopped=stopped):
+                return
 
             consumer = QueueConsumer.from_settings(s, self.pipeline, self.metrics)
             self.adapters.append(consumer)
             consumer.start()
 
-    def _start_adapters_when_ready(self, *, watch: bool, consume: bool) -> None:
+    def _start_adapters_when_ready(self, *, watch: bool, consume: bool, stopped: Callable[[], bool]) -> None:
         if self.gateway is not None:
             # The gateway consumes no requests; a watcher here may only publish (no model).
             if watch and self.settings.watch_mode != "publish" and self.settings.watch_dirs:
                 raise ConfigError("INFERENCE=queue has no model to caption watched files: set WATCH_MODE=publish")
-            self.start_adapters(watch=watch, consume=False)
+            self.start_adapters(watch=watch, consume=False, stopped=stopped)
             return
 
         def run() -> None:
             if self.holder.wait():
-                self.start_adapters(watch=watch, consume=consume)
+                self.start_adapters(watch=watch, consume=consume, stopped=stopped)
             else:
                 log.error("not starting watcher/consumer: the model did not load")
 
@@ -277,7 +279,11 @@ class Runtime:
                     raise ModelLoadError(self.holder.error or "the model failed to load")
                 log.info("stopping before the model is ready")
                 return 0
-        self.start_adapters(watch=watch, consume=consume)
+        self.start_adapters(watch=watch, consume=consume, stopped=stop.is_set)
+        if stop.is_set():
+            log.info("stopping before the broker was reached")
+            self.stop()
+            return 0
         if not self.adapters:
             log.error("nothing to run: set WATCH_DIRS or BROKER_URL")
             self.stop()
@@ -297,23 +303,42 @@ class Runtime:
     # -- serve ----------------------------------------------------------------------------
 
     async def serve(self, *, watch: bool = True, consume: bool = True) -> None:
-        """Run the HTTP API (and configured adapters) until SIGINT/SIGTERM, then drain."""
+        """Run the HTTP API (and configured adapters) until SIGINT/SIGTERM, then drain.
+
+        A SIGTERM before it listens (waiting for the broker, or for the model with
+        LISTEN_AFTER_LOAD) ends it at once with 0, as after: the default action killed it with 143.
+        """
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        halt = threading.Event()  # the same, for the threads the waits below run on
+
+        def on_signal() -> None:
+            halt.set()
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
         if self.settings.broker_url:
             # The consumer, the gateway or a publishing watcher will need it: wait for it now
             # (bounded by STARTUP_TIMEOUT), rather than serve without it and only log the loss.
             from .amqp_topology import wait_for_broker
 
-            await asyncio.get_running_loop().run_in_executor(
-                None, wait_for_broker, self.settings.broker_url, self.settings.startup_timeout
-            )
+            url, timeout = self.settings.broker_url, self.settings.startup_timeout
+            if not await loop.run_in_executor(None, partial(wait_for_broker, url, timeout, stopped=halt.is_set)):
+                log.info("stopping before the broker was reached")
+                return
         self.start()
         if self.settings.listen_after_load:
             # As the legacy service did: no connection is accepted until the model is ready, so
             # clients that retry on refused connections never see a 503.
             log.info("LISTEN_AFTER_LOAD: waiting for the model before listening")
-            if not await asyncio.get_running_loop().run_in_executor(None, self.holder.wait):
-                await asyncio.get_running_loop().run_in_executor(None, self.stop)
-                raise ModelLoadError(self.holder.error or "the model failed to load")
+            while not await loop.run_in_executor(None, self.holder.wait, 0.2):
+                if self.holder.status == "failed" or halt.is_set():
+                    await loop.run_in_executor(None, self.stop)
+                    if self.holder.status == "failed":
+                        raise ModelLoadError(self.holder.error or "the model failed to load")
+                    log.info("stopping before the model is ready")
+                    return
         runner = self.app_runner()
         await runner.setup()
         site = self.http_site(runner)
@@ -327,11 +352,7 @@ class Runtime:
                 "(another service on that port? set PORT)"
             ) from None
         log.info("listening on %s (at most %d connections)", site.name, site.limit)
-        self._start_adapters_when_ready(watch=watch, consume=consume)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        self._start_adapters_when_ready(watch=watch, consume=consume, stopped=halt.is_set)
         await stop.wait()
         log.info("stopping: finishing accepted work")
         await loop.run_in_executor(None, self.stop)

@@ -215,6 +215,9 @@ def test_a_sigterm_while_the_compiled_step_warms_ends_the_process_at_once_and_cl
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "WATCH", "BROKER", "DATABASE"))},
         **{"PORT": str(_free_port()), "DATA_DIR": str(data_dir), "MODEL": "tiny-random", "COMPILE": "on"},
+        # float32: on a CPU with native bfloat16 (AMX), DTYPE=auto prepacks the layers for oneDNN
+        # and COMPILE=on decodes through generate, with no warm-up to interrupt.
+        "DTYPE": "float32",
         **{"DATABASE_URL": f"sqlite:///{tmp_path / 'e2e.db'}", "AUTO_UPDATE": "false"},
     }
     args = ["serve"] if command == "serve" else ["watch", str(tmp_path / "inbox")]
@@ -237,3 +240,47 @@ def test_a_sigterm_while_the_compiled_step_warms_ends_the_process_at_once_and_cl
     assert code == 0, log[-3000:]
     assert "stopped while the model was still warming: not waiting for it" in log
     assert "Traceback" not in log and "terminate called" not in log, log[-3000:]
+
+
+def _dead_broker() -> str:
+    """A broker URL nothing listens on: every connect is refused at once."""
+    return f"amqp://guest:guest@127.0.0.1:{_free_port()}//"
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "waiting", "said"),
+    [
+        ("serve", {"LISTEN_AFTER_LOAD": "true", "COMPILE": "on", "DTYPE": "float32"}, "for the model", "before"),
+        ("serve", {"BROKER_URL": "dead"}, "waiting for the broker", "before the broker was reached"),
+        ("consume", {"BROKER_URL": "dead"}, "waiting for the broker", "before the broker was reached"),
+    ],
+    ids=["serve-listen-after-load", "serve-broker-away", "consume-broker-away"],
+)
+def test_a_sigterm_before_it_listens_or_consumes_ends_it_at_once_with_0(
+    tmp_path: Path, data_dir: Path, command: str, extra: dict[str, str], waiting: str, said: str
+) -> None:
+    """Before: the default SIGTERM action killed serve with 143 and no log line while it waited
+    for the model (LISTEN_AFTER_LOAD) or the broker, and the broker waits ran on to STARTUP_TIMEOUT."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "WATCH", "BROKER", "DATABASE"))},
+        **{"PORT": str(_free_port()), "DATA_DIR": str(data_dir), "MODEL": "tiny-random", "STARTUP_TIMEOUT": "300"},
+        **{"DATABASE_URL": f"sqlite:///{tmp_path / 'e2e.db'}", "AUTO_UPDATE": "false"},
+        **{k: _dead_broker() if v == "dead" else v for k, v in extra.items()},
+    }
+    log_path = tmp_path / "out.log"
+    argv = [sys.executable, "-m", "blip2_service.cli", command]
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log_file, stderr=log_file)
+    try:
+        deadline = time.monotonic() + 120
+        while waiting not in log_path.read_text(errors="replace") and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text(errors="replace")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)  # not STARTUP_TIMEOUT (300 s) later
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = log_path.read_text(errors="replace")
+    assert code == 0, log[-3000:]
+    assert said in log and "Traceback" not in log, log[-3000:]
