@@ -171,14 +171,17 @@ class QueueGateway:
             consumer = Consumer(channel, queues=[self._reply_queue], callbacks=[self._on_reply], accept=["json"])
             consumer.consume()
             self.state = "connected"
-            next_count = 0.0
+            next_count = next_expiry = 0.0
             while not self._stop.is_set():
-                if time.monotonic() >= next_count:
+                now = time.monotonic()
+                if now >= next_count:
                     self.workers = self._consumer_count(conn)
                     self._ready.set()
-                    next_count = time.monotonic() + 2.0
+                    next_count = now + 2.0
                 self._send_pending(producer)
-                self._expire_overdue()
+                if now >= next_expiry:  # a scan of every waiting request: ten a second, not one a frame
+                    self._expire_overdue()
+                    next_expiry = now + 0.1
                 with contextlib.suppress(TimeoutError, socket.timeout):
                     conn.drain_events(timeout=POLL_SECONDS)
 
