@@ -71,11 +71,17 @@ class QueueGateway:
             self._waiting.clear()
         self._connection.release()
 
+    @property
+    def pending(self) -> int:
+        """Requests sent (or about to be) and not yet answered: what /health and blip2_pending say here."""
+        return len(self._waiting)
+
     def health(self) -> dict[str, Any]:
         return {
             "state": self.state,
             "queue": self.topology.queue_name,
             "workers": self.workers,
+            "waiting": self.pending,
             "reconnects": self.reconnects,
             "last_error": self.last_error,
         }

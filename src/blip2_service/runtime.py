@@ -123,6 +123,7 @@ class Runtime:
                 Topology(self.settings.queue_name, self.settings.results_exchange),
                 timeout=self.settings.gateway_timeout,
             )
+            self.metrics.pending.set_function(lambda: self.gateway.pending)  # the pipeline has none here
             self.gateway.start()
             self._closables.append(self.gateway.stop)
             return

@@ -856,6 +856,72 @@ def test_an_image_over_the_brokers_message_size_is_a_413_at_once_and_everyone_el
         publisher.close()
 
 
+async def test_the_gateway_counts_the_requests_waiting_on_workers_in_health_and_metrics(
+    broker: str, topology: Topology, settings_factory: Callable[..., Any], aiohttp_client: Any
+) -> None:
+    """In gateway mode nothing goes through the local pipeline: /health's `pending` and the
+    blip2_pending gauge said 0 however many requests waited on the workers."""
+    import asyncio
+
+    from kombu import Producer
+
+    from blip2_service.runtime import Runtime
+
+    runtime = Runtime(
+        settings_factory(
+            inference="queue",
+            broker_url=broker,
+            queue_name=topology.queue_name,
+            results_exchange=topology.results_exchange_name,
+            gateway_timeout=60,
+        )
+    )
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, runtime.start)
+    client = await aiohttp_client(runtime.make_app())
+    # A worker that takes requests and answers only when told (the protocol, not the model).
+    held: list[Any] = []
+    conn = Connection(broker)
+    Consumer(conn.channel(), queues=[topology.request_queue], callbacks=[lambda _b, m: held.append(m)]).consume()
+
+    def take(n: int) -> None:
+        deadline = time.monotonic() + 30
+        while len(held) < n and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=0.2)
+
+    def answer() -> None:
+        producer = Producer(conn.channel())
+        body = {"status": "success", "predictions": [{"text": "held", "emoji_mappings": []}], "metadata": {}}
+        for message in held:
+            props = message.properties
+            producer.publish(body, routing_key=props["reply_to"], correlation_id=props["correlation_id"])
+            message.ack()
+
+    async def pending() -> tuple[int, str]:
+        health = await (await client.get("/health")).json()
+        metrics = await (await client.get("/metrics")).text()
+        (gauge,) = [line for line in metrics.splitlines() if line.startswith("blip2_pending ")]
+        return health["pending"], gauge
+
+    try:
+        deadline = time.monotonic() + 30
+        while (await (await client.get("/health")).json()).get("workers") != 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        image = {"headers": {"Content-Type": "image/jpeg"}}
+        posts = [asyncio.create_task(client.post("/v3/analyze", data=image_bytes(900 + i), **image)) for i in range(3)]
+        await loop.run_in_executor(None, take, 3)
+        assert len(held) == 3
+        assert await pending() == (3, "blip2_pending 3.0")
+        await loop.run_in_executor(None, answer)
+        answers = await asyncio.gather(*posts)
+        assert [a.status for a in answers] == [200, 200, 200]
+        assert await pending() == (0, "blip2_pending 0.0")
+    finally:
+        conn.release()
+        await loop.run_in_executor(None, runtime.stop)
+
+
 def test_a_publish_that_meets_a_dead_broker_raises_or_waits_it_out_and_the_publisher_recovers(
     broker: str, topology: Topology, caplog: pytest.LogCaptureFixture
 ) -> None:

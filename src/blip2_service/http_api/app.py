@@ -143,7 +143,7 @@ async def health(request: web.Request) -> web.Response:
         "device": str(holder.captioner.loaded.device) if holder.captioner else ctx.device_hint,
         "model": ctx.settings.model,
         "version": __version__,
-        "pending": ctx.pipeline.pending,
+        "pending": ctx.gateway.pending if ctx.gateway is not None else ctx.pipeline.pending,
         "store": "down" if store_problem else "up",
     }
     if holder.captioner is not None:
