@@ -7,10 +7,15 @@ accepted upstream, still being decoded), up to `max_wait` or a share of one
 batch's time: a lone request goes at once, instead of paying the wait for
 company that is not coming. Under load, batches fill by themselves: whatever
 arrives while the model runs is taken together next time.
+
+Two lanes: an `urgent` item (a person waiting on an HTTP answer) is taken before every item
+already queued in the other lane (a folder import, a queue backlog), so a bulk load never puts
+hundreds of images between a request and the model.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -33,6 +38,7 @@ class _Item(Generic[T, R]):
 
 
 _STOP = object()
+_URGENT, _NORMAL, _LAST = 0, 1, 2  # lanes: a PriorityQueue hands out the lowest first
 
 
 class MicroBatcher(Generic[T, R]):
@@ -60,7 +66,9 @@ class MicroBatcher(Generic[T, R]):
         self._max_hold_share = max_hold_share
         self._max_hold_s = max_hold_s
         self._batch_seconds = 0.0  # moving average of one batch's wall time
-        self._queue: queue.Queue[object] = queue.Queue()
+        # (lane, arrival, item): lane first, then first come first served within a lane.
+        self._queue: queue.PriorityQueue[tuple[int, int, object]] = queue.PriorityQueue()
+        self._arrival = itertools.count()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._on_batch = on_batch
         self._started = False
@@ -70,9 +78,9 @@ class MicroBatcher(Generic[T, R]):
             self._started = True
             self._thread.start()
 
-    def put(self, payload: T) -> Future[R]:
+    def put(self, payload: T, *, urgent: bool = False) -> Future[R]:
         item: _Item[T, R] = _Item(payload)
-        self._queue.put(item)
+        self._queue.put((_URGENT if urgent else _NORMAL, next(self._arrival), item))
         return item.future
 
     @property
@@ -82,13 +90,13 @@ class MicroBatcher(Generic[T, R]):
     def stop(self, timeout: float | None = None) -> None:
         """Finish everything already queued, then end the thread."""
         if self._started:
-            self._queue.put(_STOP)
+            self._queue.put((_LAST, next(self._arrival), _STOP))  # after everything queued
             self._thread.join(timeout)
 
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
+            first = self._queue.get()[2]
             if first is _STOP:
                 break
             batch: list[_Item[T, R]] = [first]  # type: ignore[list-item]
@@ -107,7 +115,7 @@ class MicroBatcher(Generic[T, R]):
                 else:
                     remaining = 0.0  # nothing on its way: take what is queued and go
                 try:
-                    nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                    nxt = (self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())[2]
                 except queue.Empty:
                     if self._incoming is not None and self._incoming() > 0 and time.monotonic() < hold_until:
                         continue

@@ -35,6 +35,7 @@ from .domain import (
     Overloaded,
     PermanentError,
     Prediction,
+    Source,
     TransientError,
 )
 from .emoji.mapper import EmojiMapper
@@ -95,6 +96,10 @@ class CaptionPipeline:
         self.limits = limits
         self.metrics = metrics or Metrics()
         self._slots = threading.BoundedSemaphore(limits.max_pending)
+        # Bulk sources (watched folders, the queue, the CLI) wait for a slot and would take every
+        # one that frees: during a folder import each HTTP request was refused as overloaded. A
+        # quarter of the slots is theirs never; what HTTP leaves, they may take.
+        self._bulk_slots = threading.BoundedSemaphore(limits.max_pending - interactive_reserve(limits.max_pending))
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._idle = threading.Condition(self._pending_lock)
@@ -156,16 +161,18 @@ class CaptionPipeline:
         """
         captioner = self.ensure_ready()
         captioner.check_prompt(request.settings)
+        bulk = not _interactive(request)
+        if bulk and not self._bulk_slots.acquire(blocking=wait, timeout=timeout if wait else None):
+            raise self._overloaded()
         if not self._slots.acquire(blocking=wait, timeout=timeout if wait else None):
-            raise Overloaded(
-                f"The service is overloaded ({self.limits.max_pending} images pending); retry shortly",
-                retry_after=1,
-            )
+            if bulk:
+                self._bulk_slots.release()
+            raise self._overloaded()
         with self._pending_lock:
             self._pending += 1
             self.metrics.pending.set(self._pending)
         outer: Future[CaptionResult] = Future()
-        outer.add_done_callback(self._release)
+        outer.add_done_callback(partial(self._release, bulk=bulk))
         started = time.perf_counter()
         arrived = self._on_its_way.expect()
         stage = partial(self._prepare_stage, request, captioner, outer, started, arrived)
@@ -192,8 +199,15 @@ class CaptionPipeline:
         """Blocking convenience for scripts and tests: submit, waiting for a slot, and wait for the result."""
         return self.submit(request, wait=True).result(timeout)
 
-    def _release(self, _future: Future[CaptionResult]) -> None:
+    def _overloaded(self) -> Overloaded:
+        return Overloaded(
+            f"The service is overloaded ({self.limits.max_pending} images pending); retry shortly", retry_after=1
+        )
+
+    def _release(self, _future: Future[CaptionResult], *, bulk: bool) -> None:
         self._slots.release()
+        if bulk:
+            self._bulk_slots.release()
         with self._idle:
             self._pending -= 1
             self.metrics.pending.set(self._pending)
@@ -263,7 +277,8 @@ class CaptionPipeline:
                 # No longer counted just before it is queued: counted a moment after, the batcher
                 # that picks it up would wait a round for it, as if it were still coming.
                 arrived()
-                inner = self._batcher.put(_Job(pixels, request.settings, time.perf_counter()))
+                job = _Job(pixels, request.settings, time.perf_counter())
+                inner = self._batcher.put(job, urgent=_interactive(request))
                 inner.add_done_callback(lambda f: _chain(f, generation))
         # Queued (or joined to an image in flight): a batch no longer waits for this one, though
         # its thumbnail is still to be made.
@@ -459,6 +474,17 @@ class _OnItsWay:
                     self._count -= 1
 
         return arrived
+
+
+def interactive_reserve(max_pending: int) -> int:
+    """Slots of MAX_PENDING that only interactive requests may take: a quarter, at least one
+    (none when there is only one)."""
+    return max(1, max_pending // 4) if max_pending > 1 else 0
+
+
+def _interactive(request: CaptionRequest) -> bool:
+    """Someone waits on this answer now (an HTTP request): its own slots, and the model's next batch."""
+    return request.source is Source.HTTP
 
 
 def _then(work: Callable[[], None], finally_: Callable[[], None]) -> None:

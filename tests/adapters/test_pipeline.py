@@ -153,3 +153,42 @@ def test_a_model_that_is_loading_or_failed_refuses_with_model_not_ready(mapper: 
     holder.wait(10)
     with pytest.raises(ModelNotReady, match="no weights here"):
         pipeline.submit(_req(1))
+
+
+def test_a_folder_import_leaves_an_http_request_its_slots_and_the_next_batch(
+    make_pipeline: Callable[..., CaptionPipeline],
+) -> None:
+    """A watcher (or the queue) waits for a slot and took every one that freed: during an import,
+    each HTTP request was refused as overloaded, and one accepted waited behind the whole backlog."""
+    from concurrent.futures import Future
+
+    from blip2_service.domain import CaptionResult
+
+    from ..conftest import wait_until
+
+    pipeline = make_pipeline(None, max_pending=8, batch_max_size=2)
+    slow = GenerationSettings(num_beams=5, max_new_tokens=40, min_new_tokens=40)
+    bulk: list[Future[CaptionResult]] = []
+    stop = threading.Event()
+
+    def folder_import() -> None:
+        for i in range(200):
+            if stop.is_set():
+                return
+            request = CaptionRequest(Source.WATCH, f"f{i}", image_bytes(3000 + i), slow)
+            bulk.append(pipeline.submit(request, wait=True))
+
+    feeder = threading.Thread(target=folder_import)
+    feeder.start()
+    try:
+        wait_until(lambda: pipeline.pending >= 6, 60, "the import to fill its share of the slots")
+        for i in range(3):
+            upload = CaptionRequest(Source.HTTP, "upload", image_bytes(900 + i), slow)
+            answer = pipeline.submit(upload)  # not Overloaded
+            assert answer.result(120).status == "succeeded"
+            assert feeder.is_alive(), "the import finished first: the test showed nothing"
+        assert pipeline.pending <= 8
+    finally:
+        stop.set()
+        feeder.join(120)
+    assert all(f.result(120).status == "succeeded" for f in bulk)

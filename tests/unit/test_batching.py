@@ -134,3 +134,29 @@ def test_the_first_batch_holds_for_a_burst_still_being_decoded() -> None:
     first.result(5)
     batcher.stop(5)
     assert sizes == [4]  # before: [1, 3] (the hold was only max_wait while the cost was unknown)
+
+
+def test_an_urgent_item_goes_in_the_next_batch_ahead_of_everything_queued_before_it() -> None:
+    """A folder import queues hundreds of images; an HTTP request put behind them waited for all."""
+    batches: list[list[int]] = []
+    first_running = threading.Event()
+    release = threading.Event()
+
+    def process(items: Sequence[int]) -> list[int]:
+        first_running.set()
+        release.wait(5)
+        batches.append(list(items))
+        return list(items)
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(process, max_size=2, max_wait_s=0.0, incoming=lambda: 0)
+    batcher.start()
+    running = batcher.put(0)
+    assert first_running.wait(5)  # the model is busy with item 0
+    queued = [batcher.put(i) for i in range(1, 7)]
+    urgent = batcher.put(100, urgent=True)
+    release.set()
+    assert urgent.result(5) == 100 and running.result(5) == 0 and [f.result(5) for f in queued] == list(range(1, 7))
+    batcher.stop(5)
+    assert batches[0] == [0]
+    assert batches[1][0] == 100  # next, ahead of the six queued before it
+    assert [i for batch in batches for i in batch if i != 100] == list(range(7))  # the others keep their order
