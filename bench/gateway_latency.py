@@ -134,7 +134,7 @@ def _delete_topology(queue: str) -> None:
 
     with Connection(AMQP) as conn:
         channel = conn.channel()
-        for name in (queue, f"{queue}.dead"):
+        for name in (queue, f"{queue}.interactive", f"{queue}.dead"):
             channel.queue_delete(name)
         for name in (f"{queue}.results", f"{queue}.dead"):
             channel.exchange_delete(name)

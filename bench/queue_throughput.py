@@ -82,7 +82,7 @@ def run(broker: str, prefetch: int, messages: int, holder: ModelHolder, mapper: 
     pipeline.stop()
     publisher.close()
     consumer.cancel()  # before deleting its queue, or the broker cancels it under us
-    for queue_name in (name, topology.dead_name, f"{name}.collect"):
+    for queue_name in (name, topology.interactive_name, topology.dead_name, f"{name}.collect"):
         channel.queue_delete(queue_name)
     channel.exchange_delete(topology.results_exchange_name)
     channel.exchange_delete(topology.dead_name)

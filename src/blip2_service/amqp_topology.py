@@ -17,6 +17,8 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from .domain import TooLarge
 from .queue_protocol import DEAD_SUFFIX
 
+INTERACTIVE_SUFFIX = ".interactive"
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -37,8 +39,23 @@ class Topology:
 
     @property
     def request_queue(self) -> Queue:
+        """Bulk requests: watched folders publishing, `publish`, `reprocess --via-queue`, clients."""
+        return self._requests(self.queue_name)
+
+    @property
+    def interactive_name(self) -> str:
+        return self.queue_name + INTERACTIVE_SUFFIX
+
+    @property
+    def interactive_queue(self) -> Queue:
+        """The gateway's requests, someone waiting on each: a queue of their own, so they are not
+        behind a folder import's backlog (RabbitMQ hands out a queue's messages in order), and
+        workers take them into the model's urgent lane. Dead letters go where the bulk queue's go."""
+        return self._requests(self.interactive_name)
+
+    def _requests(self, name: str) -> Queue:
         return Queue(
-            self.queue_name,
+            name,
             durable=True,
             queue_arguments={
                 "x-dead-letter-exchange": self.dead_name,
@@ -56,6 +73,7 @@ class Topology:
         self.dead_exchange(channel).declare()
         self.dead_queue(channel).declare()
         self.request_queue(channel).declare()
+        self.interactive_queue(channel).declare()
 
 
 # How long the consumer's and the gateway's loops wait for the broker before they look at their own

@@ -20,6 +20,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ class _Held:
     request: QueueRequest | None = None
     attempt: int = 0
     error: PermanentError | None = None  # a message that can never be captioned, still to be recorded
+    interactive: bool = False  # from the interactive queue: a gateway's HTTP request
 
 
 class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
@@ -238,13 +240,21 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
     # -- kombu hooks (consumer thread) ------------------------------------------------------
 
     def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Any]:
+        # One consumer per queue, each with its own prefetch window: a bulk backlog holding all of
+        # its window never keeps a gateway's request waiting in the broker.
         return [
+            consumer_cls(
+                queues=[self.topology.interactive_queue],
+                on_message=partial(self._on_message, interactive=True),
+                prefetch_count=self.prefetch,
+                accept=None,
+            ),
             consumer_cls(
                 queues=[self.topology.request_queue],
                 on_message=self._on_message,
                 prefetch_count=self.prefetch,
                 accept=None,
-            )
+            ),
         ]
 
     def on_connection_revived(self) -> None:
@@ -298,8 +308,8 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
 
     # -- messages -------------------------------------------------------------------------
 
-    def _on_message(self, message: Message) -> None:
-        held = _Held(message, self._gen)
+    def _on_message(self, message: Message, *, interactive: bool = False) -> None:
+        held = _Held(message, self._gen, interactive=interactive)
         self._held[id(held)] = held
         try:
             held.request = parse_request(_body_bytes(message))
@@ -342,6 +352,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
                 self._settings(request),
                 store=request.store,
                 refresh=request.refresh,
+                interactive=held.interactive,
             )
             future = self.pipeline.submit(caption_request, wait=True)
         except PermanentError as exc:

@@ -203,6 +203,9 @@ class CaptionRequest:
     # Watcher bookkeeping: lets a restart recognise a file without re-hashing it.
     file_size: int | None = None
     file_mtime: float | None = None
+    # Someone waits on this answer now (an HTTP request, here or at a gateway): it goes in the
+    # model's next batch, ahead of bulk work, and has slots bulk work cannot take.
+    interactive: bool = False
 
 
 @dataclass(slots=True)

@@ -79,7 +79,7 @@ class QueueGateway:
     def health(self) -> dict[str, Any]:
         return {
             "state": self.state,
-            "queue": self.topology.queue_name,
+            "queue": self.topology.interactive_name,
             "workers": self.workers,
             "waiting": self.pending,
             "reconnects": self.reconnects,
@@ -99,7 +99,7 @@ class QueueGateway:
             )
         if self.workers == 0 and self._ready.is_set():
             raise ModelNotReady(
-                f"No worker is consuming {self.topology.queue_name}; start `blip2-service consume` on a GPU host",
+                f"No worker is consuming {self.topology.interactive_name}; start `blip2-service consume` on a GPU host",
                 retry_after=10,
             )
         correlation = uuid.uuid4().hex
@@ -194,7 +194,7 @@ class QueueGateway:
     def _consumer_count(self, conn: Any) -> int:
         declared = conn.channel()
         try:
-            _name, _messages, consumers = declared.queue_declare(self.topology.queue_name, passive=True)
+            _name, _messages, consumers = declared.queue_declare(self.topology.interactive_name, passive=True)
             return int(consumers)
         finally:
             with contextlib.suppress(Exception):
@@ -210,7 +210,7 @@ class QueueGateway:
                 producer.publish(
                     body,
                     exchange="",
-                    routing_key=self.topology.queue_name,
+                    routing_key=self.topology.interactive_name,
                     serializer="json",
                     delivery_mode=2,
                     reply_to=self._reply_queue.name,

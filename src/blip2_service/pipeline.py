@@ -483,8 +483,8 @@ def interactive_reserve(max_pending: int) -> int:
 
 
 def _interactive(request: CaptionRequest) -> bool:
-    """Someone waits on this answer now (an HTTP request): its own slots, and the model's next batch."""
-    return request.source is Source.HTTP
+    """Someone waits on this answer now: its own slots, and the model's next batch."""
+    return request.interactive or request.source is Source.HTTP
 
 
 def _then(work: Callable[[], None], finally_: Callable[[], None]) -> None:

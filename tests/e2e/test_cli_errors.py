@@ -184,7 +184,7 @@ def test_a_broker_that_comes_up_20_seconds_late_is_waited_for_and_then_consumed(
         out, _ = worker.communicate(timeout=60)
         proxy.stop()
         engine.dispose()
-        delete_queues(real, name, f"{name}.dead")
+        delete_queues(real, name, f"{name}.interactive", f"{name}.dead")
     assert b"waiting for the broker" in out
 
 
@@ -216,7 +216,7 @@ def test_consume_on_a_queue_declared_with_other_arguments_exits_with_one_line(tm
     finally:
         with Connection(url) as conn:
             channel = conn.channel()
-            for queue in (name, f"{name}.dead"):
+            for queue in (name, f"{name}.interactive", f"{name}.dead"):
                 channel.queue_delete(queue)
             for exchange in (f"{name}.results", f"{name}.dead"):
                 channel.exchange_delete(exchange)

@@ -148,6 +148,6 @@ def test_gateway_workers_and_a_publishing_watcher_caption_every_image_once(
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        delete_queues(AMQP_URL, name, f"{name}.dead")
+        delete_queues(AMQP_URL, name, f"{name}.interactive", f"{name}.dead")
     for log in tmp_path.glob("*.log"):
         assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")[-3000:]

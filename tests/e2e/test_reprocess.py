@@ -125,4 +125,4 @@ def test_reprocess_via_queue_feeds_a_real_consumer(
     finally:
         consumer.stop(10)
         engine.dispose()
-        delete_queues(broker, name, f"{name}.dead")
+        delete_queues(broker, name, f"{name}.interactive", f"{name}.dead")

@@ -92,7 +92,7 @@ def topology(broker: str) -> Iterator[Topology]:
     yield topo
     with Connection(broker) as conn:
         channel = conn.channel()
-        for queue_name in (topo.queue_name, topo.dead_name, f"{name}.test-results"):
+        for queue_name in (topo.queue_name, topo.interactive_name, topo.dead_name, f"{name}.test-results"):
             try:
                 channel.queue_delete(queue_name)
             except Exception:
@@ -882,7 +882,7 @@ async def test_the_gateway_counts_the_requests_waiting_on_workers_in_health_and_
     # A worker that takes requests and answers only when told (the protocol, not the model).
     held: list[Any] = []
     conn = Connection(broker)
-    Consumer(conn.channel(), queues=[topology.request_queue], callbacks=[lambda _b, m: held.append(m)]).consume()
+    Consumer(conn.channel(), queues=[topology.interactive_queue], callbacks=[lambda _b, m: held.append(m)]).consume()
 
     def take(n: int) -> None:
         deadline = time.monotonic() + 30
@@ -920,6 +920,34 @@ async def test_the_gateway_counts_the_requests_waiting_on_workers_in_health_and_
     finally:
         conn.release()
         await loop.run_in_executor(None, runtime.stop)
+
+
+def test_a_gateways_request_is_not_queued_behind_a_folder_imports_backlog(
+    broker: str,
+    topology: Topology,
+    start_consumer: Callable[..., QueueConsumer],
+    sqlite_store: CaptionRepository,
+    publisher: QueuePublisher,
+) -> None:
+    """The layout the README shows: a publishing watcher and the gateway feed the same workers.
+    RabbitMQ hands out a queue's messages in order, so an HTTP request published behind an
+    import's backlog waited for all of it (a 503 once the backlog outlasted GATEWAY_TIMEOUT)."""
+    from blip2_service.gateway import QueueGateway
+
+    backlog = 600
+    for i in range(backlog):
+        publisher.publish({"id": f"b{i}", "image_b64": base64.b64encode(image_bytes(5000 + i)).decode()})
+    gateway = QueueGateway(broker, topology, timeout=300)
+    gateway.start()
+    try:
+        start_consumer(sqlite_store)
+        wait_until(lambda: gateway.health()["workers"] == 1, 30, "the gateway to see the worker")
+        answer = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(77), FAST))
+        assert answer.result(300).status == "succeeded"
+        left = _queue_depth(broker, topology.queue_name)
+        assert left > 0, "the request was answered only once the whole backlog was captioned"
+    finally:
+        gateway.stop(timeout=10)
 
 
 def test_a_publish_that_meets_a_dead_broker_raises_or_waits_it_out_and_the_publisher_recovers(
