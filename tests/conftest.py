@@ -51,15 +51,25 @@ def wait_until(check: Callable[[], bool], timeout: float = 60.0, what: str = "co
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def delete_queues(broker_url: str, *names: str) -> None:
-    """Remove a test's queues (a failed delete poisons the channel: take a new one)."""
+def delete_topology(broker_url: str, queue_name: str, *extra_queues: str) -> None:
+    """Remove what a test's service declared for `queue_name` (its queues, and the exchanges named
+    `queue_name.results` and `.dead`), and `extra_queues`. A failed delete poisons its channel:
+    take a new one."""
     from kombu import Connection
 
+    from blip2_service.amqp_topology import Topology
+
+    topology = Topology(queue_name, f"{queue_name}.results")
     with Connection(broker_url) as conn:
         channel = conn.channel()
-        for name in names:
+        for name in (topology.queue_name, topology.interactive_name, topology.dead_name, *extra_queues):
             try:
                 channel.queue_delete(name)
+            except Exception:
+                channel = conn.channel()
+        for name in (topology.results_exchange_name, topology.dead_name):
+            try:
+                channel.exchange_delete(name)
             except Exception:
                 channel = conn.channel()
 

@@ -6,7 +6,7 @@ refuses a redeclaration with different ones), so they are built in one place.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,12 +124,12 @@ def wait_for_broker(
     timeout: float,
     first: float = 1.0,
     most: float = 5.0,
-    stopped: Callable[[], bool] = lambda: False,
+    stop: threading.Event | None = None,
 ) -> bool:
     """Connect, retrying with backoff for up to `timeout` seconds, one log line per attempt.
 
-    True once connected; False as soon as `stopped()` says the process is stopping (a SIGTERM
-    while the broker is away must not wait out STARTUP_TIMEOUT).
+    True once connected; False as soon as `stop` is set (a SIGTERM while the broker is away must
+    not wait out STARTUP_TIMEOUT).
     """
     import logging
     import time
@@ -159,10 +159,7 @@ def wait_for_broker(
                 exc,
                 delay,
             )
-            until = time.monotonic() + delay
-            while time.monotonic() < until:
-                if stopped():
-                    return False
-                time.sleep(min(0.1, max(0.0, until - time.monotonic())))
+            if (stop or threading.Event()).wait(delay):
+                return False
         finally:
             conn.release()

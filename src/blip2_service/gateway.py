@@ -136,16 +136,15 @@ class QueueGateway:
         now = time.monotonic()
         with self._lock:
             overdue = [c for c, (_f, deadline) in self._waiting.items() if deadline <= now]
-            futures = [self._waiting.pop(c)[0] for c in overdue]
-        for future in futures:
-            if not future.done():
-                future.set_exception(
-                    ModelNotReady(
-                        f"No worker answered within GATEWAY_TIMEOUT={self.timeout:g}s; the workers are busy or "
-                        "gone, retry shortly",
-                        retry_after=max(1.0, self.timeout / 2),
-                    )
-                )
+        for correlation in overdue:
+            self._refuse(
+                correlation,
+                ModelNotReady(
+                    f"No worker answered within GATEWAY_TIMEOUT={self.timeout:g}s; the workers are busy or "
+                    "gone, retry shortly",
+                    retry_after=max(1.0, self.timeout / 2),
+                ),
+            )
 
     # -- the AMQP thread ------------------------------------------------------------------
 
@@ -226,6 +225,7 @@ class QueueGateway:
                 self._refuse(correlation, refused)
 
     def _refuse(self, correlation: str, error: Exception) -> None:
+        """Answer one waiting request with `error` (its reply, should one come, is then ignored)."""
         with self._lock:
             waiting = self._waiting.pop(correlation, None)
         if waiting is not None and not waiting[0].done():

@@ -215,9 +215,9 @@ class Runtime:
 
     # -- adapters -------------------------------------------------------------------------
 
-    def start_adapters(self, *, watch: bool, consume: bool, stopped: Callable[[], bool] = lambda: False) -> None:
+    def start_adapters(self, *, watch: bool, consume: bool, stop: threading.Event | None = None) -> None:
         """Start the watcher and/or consumer (once the model is ready: they feed it without pause).
-        `stopped`: the process is stopping; the consumer's wait for its broker ends then."""
+        `stop`: set when the process is stopping; the consumer's wait for its broker ends then."""
         s = self.settings
         if watch and s.watch_dirs:
             from .watcher import FolderWatcher
@@ -241,24 +241,24 @@ class Runtime:
             from .amqp_topology import wait_for_broker
             from .consumer import QueueConsumer
 
-            if not wait_for_broker(s.broker_url, s.startup_timeout, stopped=stopped):
+            if not wait_for_broker(s.broker_url, s.startup_timeout, stop=stop):
                 return
 
             consumer = QueueConsumer.from_settings(s, self.pipeline, self.metrics)
             self.adapters.append(consumer)
             consumer.start()
 
-    def _start_adapters_when_ready(self, *, watch: bool, consume: bool, stopped: Callable[[], bool]) -> None:
+    def _start_adapters_when_ready(self, *, watch: bool, consume: bool, stop: threading.Event) -> None:
         if self.gateway is not None:
             # The gateway consumes no requests; a watcher here may only publish (no model).
             if watch and self.settings.watch_mode != "publish" and self.settings.watch_dirs:
                 raise ConfigError("INFERENCE=queue has no model to caption watched files: set WATCH_MODE=publish")
-            self.start_adapters(watch=watch, consume=False, stopped=stopped)
+            self.start_adapters(watch=watch, consume=False, stop=stop)
             return
 
         def run() -> None:
             if self.holder.wait():
-                self.start_adapters(watch=watch, consume=consume, stopped=stopped)
+                self.start_adapters(watch=watch, consume=consume, stop=stop)
             else:
                 log.error("not starting watcher/consumer: the model did not load")
 
@@ -273,14 +273,13 @@ class Runtime:
         needs_model = consume or self.settings.watch_mode == "caption"
         # Loaded in the background, so a SIGTERM during a long load or warm-up is heard at once.
         self.start(load_model=needs_model)
-        while needs_model and not self.holder.wait(0.2):
-            if self.holder.status == "failed" or stop.is_set():
-                self.stop()
-                if self.holder.status == "failed":
-                    raise ModelLoadError(self.holder.error or "the model failed to load")
-                log.info("stopping before the model is ready")
-                return 0
-        self.start_adapters(watch=watch, consume=consume, stopped=stop.is_set)
+        if needs_model and not self.holder.wait_unless(stop):
+            self.stop()
+            if self.holder.status == "failed":
+                raise ModelLoadError(self.holder.error or "the model failed to load")
+            log.info("stopping before the model is ready")
+            return 0
+        self.start_adapters(watch=watch, consume=consume, stop=stop)
         if stop.is_set():
             log.info("stopping before the broker was reached")
             self.stop()
@@ -325,7 +324,7 @@ class Runtime:
             from .amqp_topology import wait_for_broker
 
             url, timeout = self.settings.broker_url, self.settings.startup_timeout
-            if not await loop.run_in_executor(None, partial(wait_for_broker, url, timeout, stopped=halt.is_set)):
+            if not await loop.run_in_executor(None, partial(wait_for_broker, url, timeout, stop=halt)):
                 log.info("stopping before the broker was reached")
                 return
         self.start()
@@ -333,13 +332,12 @@ class Runtime:
             # As the legacy service did: no connection is accepted until the model is ready, so
             # clients that retry on refused connections never see a 503.
             log.info("LISTEN_AFTER_LOAD: waiting for the model before listening")
-            while not await loop.run_in_executor(None, self.holder.wait, 0.2):
-                if self.holder.status == "failed" or halt.is_set():
-                    await loop.run_in_executor(None, self.stop)
-                    if self.holder.status == "failed":
-                        raise ModelLoadError(self.holder.error or "the model failed to load")
-                    log.info("stopping before the model is ready")
-                    return
+            if not await loop.run_in_executor(None, self.holder.wait_unless, halt):
+                await loop.run_in_executor(None, self.stop)
+                if self.holder.status == "failed":
+                    raise ModelLoadError(self.holder.error or "the model failed to load")
+                log.info("stopping before the model is ready")
+                return
         runner = self.app_runner()
         await runner.setup()
         site = self.http_site(runner)
@@ -353,7 +351,7 @@ class Runtime:
                 "(another service on that port? set PORT)"
             ) from None
         log.info("listening on %s (at most %d connections)", site.name, site.limit)
-        self._start_adapters_when_ready(watch=watch, consume=consume, stopped=halt.is_set)
+        self._start_adapters_when_ready(watch=watch, consume=consume, stop=halt)
         await stop.wait()
         log.info("stopping: finishing accepted work")
         await loop.run_in_executor(None, self.stop)

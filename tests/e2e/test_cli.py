@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from blip2_service.store import CaptionFilter, CaptionRepository, make_engine, upgrade
 from blip2_service.store.tables import captions
 
-from ..conftest import AMQP_URL, delete_queues, image_bytes, port_open, service_missing
+from ..conftest import AMQP_URL, delete_topology, image_bytes, port_open, service_missing
 
 
 def _env(tmp_path: Path, data_dir: Path, **extra: str) -> dict[str, str]:
@@ -149,7 +149,7 @@ def test_publish_embed_wait_through_a_consumer(tmp_path: Path, data_dir: Path) -
     finally:
         consumer.send_signal(signal.SIGTERM)
         consumer.communicate(timeout=60)
-        delete_queues(AMQP_URL, name, f"{name}.interactive", f"{name}.dead")
+        delete_topology(AMQP_URL, name)
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert sorted(Path(line["path"]).name for line in lines) == ["0.jpg", "1.jpg", "2.jpg"]

@@ -141,7 +141,7 @@ def test_a_broker_that_comes_up_20_seconds_late_is_waited_for_and_then_consumed(
     from blip2_service.publisher import QueuePublisher
     from blip2_service.store import CaptionFilter, CaptionRepository, make_engine
 
-    from ..conftest import delete_queues, image_bytes, wait_until
+    from ..conftest import delete_topology, image_bytes, wait_until
 
     real = _rabbit()
     proxy = TcpProxy("127.0.0.1", 5672)
@@ -184,7 +184,7 @@ def test_a_broker_that_comes_up_20_seconds_late_is_waited_for_and_then_consumed(
         out, _ = worker.communicate(timeout=60)
         proxy.stop()
         engine.dispose()
-        delete_queues(real, name, f"{name}.interactive", f"{name}.dead")
+        delete_topology(real, name)
     assert b"waiting for the broker" in out
 
 
@@ -204,6 +204,8 @@ def test_consume_on_a_queue_declared_with_other_arguments_exits_with_one_line(tm
 
     from kombu import Connection
 
+    from ..conftest import delete_topology
+
     url = _rabbit()
     name = f"blip2.cli.{uuid.uuid4().hex[:8]}"
     env = _env(tmp_path, data_dir, BROKER_URL=url, QUEUE_NAME=name, RESULTS_EXCHANGE=f"{name}.results")
@@ -214,9 +216,4 @@ def test_consume_on_a_queue_declared_with_other_arguments_exits_with_one_line(tm
         _one_line(done, "queue consumer stopped", "exists with other arguments", "QUEUE_NAME")
         assert done.returncode == 1
     finally:
-        with Connection(url) as conn:
-            channel = conn.channel()
-            for queue in (name, f"{name}.interactive", f"{name}.dead"):
-                channel.queue_delete(queue)
-            for exchange in (f"{name}.results", f"{name}.dead"):
-                channel.exchange_delete(exchange)
+        delete_topology(url, name)

@@ -25,7 +25,7 @@ from sqlalchemy import create_engine, text
 from blip2_service.amqp_topology import Topology
 from blip2_service.publisher import QueuePublisher
 
-from ..conftest import AMQP_URL, delete_queues, image_bytes, port_open, service_missing, wait_until
+from ..conftest import AMQP_URL, delete_topology, image_bytes, port_open, service_missing, wait_until
 from .test_serve_process import _free_port
 
 pytestmark = pytest.mark.postgres
@@ -148,6 +148,6 @@ def test_gateway_workers_and_a_publishing_watcher_caption_every_image_once(
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        delete_queues(AMQP_URL, name, f"{name}.interactive", f"{name}.dead")
+        delete_topology(AMQP_URL, name)
     for log in tmp_path.glob("*.log"):
         assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")[-3000:]

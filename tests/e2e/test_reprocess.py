@@ -19,7 +19,7 @@ from blip2_service.domain import GenerationSettings
 from blip2_service.fetching import UrlFetcher
 from blip2_service.store import CaptionFilter, CaptionRepository, make_engine, upgrade
 
-from ..conftest import AMQP_URL, delete_queues, image_bytes, port_open, service_missing, wait_until
+from ..conftest import AMQP_URL, delete_topology, image_bytes, port_open, service_missing, wait_until
 from .test_cli import _cli, _env
 
 
@@ -125,4 +125,4 @@ def test_reprocess_via_queue_feeds_a_real_consumer(
     finally:
         consumer.stop(10)
         engine.dispose()
-        delete_queues(broker, name, f"{name}.interactive", f"{name}.dead")
+        delete_topology(broker, name)

@@ -205,6 +205,34 @@ def test_out_of_file_descriptors_the_log_says_so_once_a_minute_not_once_a_failed
     assert code == 0, log[-3000:]
 
 
+def _sigterm_once_logged(
+    args: list[str], tmp_path: Path, data_dir: Path, extra: dict[str, str], logged: str, within: float
+) -> tuple[int, str]:
+    """Start `blip2-service ARGS` on tiny-random, send SIGTERM once its log says `logged`, and
+    return its exit code (it must end `within` seconds of the signal) and its whole log."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "WATCH", "BROKER", "DATABASE"))},
+        **{"PORT": str(_free_port()), "DATA_DIR": str(data_dir), "MODEL": "tiny-random"},
+        **{"DATABASE_URL": f"sqlite:///{tmp_path / 'e2e.db'}", "AUTO_UPDATE": "false"},
+        **extra,
+    }
+    log_path = tmp_path / "out.log"
+    with log_path.open("wb") as log_file:
+        argv = [sys.executable, "-m", "blip2_service.cli", *args]
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log_file, stderr=log_file)
+    try:
+        deadline = time.monotonic() + 120
+        while logged not in log_path.read_text(errors="replace") and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text(errors="replace")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=within)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return code, log_path.read_text(errors="replace")
+
+
 @pytest.mark.parametrize("command", ["serve", "watch"])
 def test_a_sigterm_while_the_compiled_step_warms_ends_the_process_at_once_and_cleanly(
     tmp_path: Path, data_dir: Path, command: str
@@ -212,31 +240,11 @@ def test_a_sigterm_while_the_compiled_step_warms_ends_the_process_at_once_and_cl
     # The loader thread cannot be interrupted; left running into the interpreter's shutdown it
     # failed with a traceback and the process aborted (SIGABRT) seconds later.
     (tmp_path / "inbox").mkdir()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "WATCH", "BROKER", "DATABASE"))},
-        **{"PORT": str(_free_port()), "DATA_DIR": str(data_dir), "MODEL": "tiny-random", "COMPILE": "on"},
-        # float32: on a CPU with native bfloat16 (AMX), DTYPE=auto prepacks the layers for oneDNN
-        # and COMPILE=on decodes through generate, with no warm-up to interrupt.
-        "DTYPE": "float32",
-        **{"DATABASE_URL": f"sqlite:///{tmp_path / 'e2e.db'}", "AUTO_UPDATE": "false"},
-    }
     args = ["serve"] if command == "serve" else ["watch", str(tmp_path / "inbox")]
-    log_path = tmp_path / "out.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "blip2_service.cli", *args], cwd=tmp_path, env=env, stdout=log_file, stderr=log_file
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while b"warming the compiled decode step" not in log_path.read_bytes() and time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text(errors="replace")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    log = log_path.read_text(errors="replace")
+    # float32: on a CPU with native bfloat16 (AMX), DTYPE=auto prepacks the layers for oneDNN
+    # and COMPILE=on decodes through generate, with no warm-up to interrupt.
+    compiled = {"COMPILE": "on", "DTYPE": "float32"}
+    code, log = _sigterm_once_logged(args, tmp_path, data_dir, compiled, "warming the compiled decode step", 30)
     assert code == 0, log[-3000:]
     assert "stopped while the model was still warming: not waiting for it" in log
     assert "Traceback" not in log and "terminate called" not in log, log[-3000:]
@@ -261,26 +269,7 @@ def test_a_sigterm_before_it_listens_or_consumes_ends_it_at_once_with_0(
 ) -> None:
     """Before: the default SIGTERM action killed serve with 143 and no log line while it waited
     for the model (LISTEN_AFTER_LOAD) or the broker, and the broker waits ran on to STARTUP_TIMEOUT."""
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "WATCH", "BROKER", "DATABASE"))},
-        **{"PORT": str(_free_port()), "DATA_DIR": str(data_dir), "MODEL": "tiny-random", "STARTUP_TIMEOUT": "300"},
-        **{"DATABASE_URL": f"sqlite:///{tmp_path / 'e2e.db'}", "AUTO_UPDATE": "false"},
-        **{k: _dead_broker() if v == "dead" else v for k, v in extra.items()},
-    }
-    log_path = tmp_path / "out.log"
-    argv = [sys.executable, "-m", "blip2_service.cli", command]
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log_file, stderr=log_file)
-    try:
-        deadline = time.monotonic() + 120
-        while waiting not in log_path.read_text(errors="replace") and time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text(errors="replace")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)  # not STARTUP_TIMEOUT (300 s) later
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    log = log_path.read_text(errors="replace")
+    env = {"STARTUP_TIMEOUT": "300", **{k: _dead_broker() if v == "dead" else v for k, v in extra.items()}}
+    code, log = _sigterm_once_logged([command], tmp_path, data_dir, env, waiting, 60)  # not STARTUP_TIMEOUT later
     assert code == 0, log[-3000:]
     assert said in log and "Traceback" not in log, log[-3000:]

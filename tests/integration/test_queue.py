@@ -35,7 +35,7 @@ from blip2_service.retry import Backoff
 from blip2_service.store import CaptionFilter, CaptionRepository, make_engine, upgrade
 from blip2_service.store.tables import captions
 
-from ..conftest import AMQP_URL, image_bytes, port_open, service_missing, wait_until
+from ..conftest import AMQP_URL, delete_topology, image_bytes, port_open, service_missing, wait_until
 from ..tcp_proxy import TcpProxy
 
 FAST = GenerationSettings(num_beams=1, max_new_tokens=4)
@@ -90,18 +90,7 @@ def topology(broker: str) -> Iterator[Topology]:
     name = f"blip2.test.{uuid.uuid4().hex[:8]}"
     topo = Topology(name, f"{name}.results")
     yield topo
-    with Connection(broker) as conn:
-        channel = conn.channel()
-        for queue_name in (topo.queue_name, topo.interactive_name, topo.dead_name, f"{name}.test-results"):
-            try:
-                channel.queue_delete(queue_name)
-            except Exception:
-                channel = conn.channel()
-        for exchange in (topo.results_exchange_name, topo.dead_name):
-            try:
-                channel.exchange_delete(exchange)
-            except Exception:
-                channel = conn.channel()
+    delete_topology(broker, name, f"{name}.test-results")
 
 
 @pytest.fixture
@@ -464,6 +453,16 @@ def test_a_queue_declared_with_other_arguments_stops_the_consumer_with_one_line(
     assert consumer.health()["reconnects"] == reconnects and consumer.health()["state"] == "failed"
 
 
+def _store_behind_a_proxy(pg_url: str, retry: Backoff) -> tuple[TcpProxy, Any, CaptionRepository]:
+    """A Postgres store reached through a started TCP proxy the test can cut (an outage), migrated."""
+    real = make_url(pg_url)
+    proxy = TcpProxy(real.host or "127.0.0.1", real.port or 5432)
+    proxy.start()
+    engine = make_engine(real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
+    upgrade(engine)
+    return proxy, engine, CaptionRepository(engine, retry)
+
+
 def test_a_store_outage_delays_but_loses_nothing(
     start_consumer: Callable[..., QueueConsumer],
     pg_url: str,
@@ -472,12 +471,7 @@ def test_a_store_outage_delays_but_loses_nothing(
     broker: str,
     topology: Topology,
 ) -> None:
-    real = make_url(pg_url)
-    proxy = TcpProxy(real.host or "127.0.0.1", real.port or 5432)
-    proxy.start()
-    engine = make_engine(real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
-    upgrade(engine)
-    store = CaptionRepository(engine, Backoff(0.1, 3.0, 2))
+    proxy, engine, store = _store_behind_a_proxy(pg_url, Backoff(0.1, 3.0, 2))
     consumer = start_consumer(store)
     proxy.stop()  # Postgres connections refused from here on
     for i in range(10):
@@ -508,12 +502,7 @@ def test_messages_held_past_the_brokers_consumer_timeout_come_back_and_the_consu
     for a queue declared with other arguments, and it stopped consuming for good."""
     broker_settings.set("consumer_timeout", 2000)
     broker_settings.set("channel_tick_interval", 500)
-    real = make_url(pg_url)
-    proxy = TcpProxy(real.host or "127.0.0.1", real.port or 5432)
-    proxy.start()
-    engine = make_engine(real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
-    upgrade(engine)
-    store = CaptionRepository(engine, Backoff(0.1, 0.5, 2))
+    proxy, engine, store = _store_behind_a_proxy(pg_url, Backoff(0.1, 0.5, 2))
     consumer = start_consumer(store)
     proxy.stop()  # Postgres connections refused from here on
     try:

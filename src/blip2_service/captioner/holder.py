@@ -55,6 +55,14 @@ class ModelHolder:
         self._ready.wait(timeout)
         return self.status == "loaded"
 
+    def wait_unless(self, stop: threading.Event) -> bool:
+        """`wait()` that ends as soon as `stop` is set: True once loaded; False when loading failed
+        or the process is stopping (a load or warm-up takes minutes and cannot be interrupted)."""
+        while not self.wait(0.2):
+            if self.status == "failed" or stop.is_set():
+                return False
+        return True
+
     def _load(self) -> None:
         try:
             loaded = self._loader()
