@@ -41,10 +41,20 @@ class QueueGateway:
         self.timeout = timeout
         self.backoff = backoff
         self._connection = connect(broker_url)
+        # Not exclusive: an exclusive queue dies with its connection, and a reply a worker sends
+        # while this one reconnects would be dropped, its client left to GATEWAY_TIMEOUT although
+        # the image was captioned. This one outlives a dropped connection by GATEWAY_TIMEOUT + 60 s
+        # (a gateway that is gone for good leaves nothing behind); a clean stop deletes it.
         self._reply_queue = Queue(
-            f"blip2.gateway.{socket.gethostname()}.{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True
+            f"blip2.gateway.{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
+            durable=False,
+            auto_delete=False,
+            expires=timeout + 60,
         )
         self._outbox: queue.Queue[tuple[dict[str, Any], str]] = queue.Queue()
+        # the request being published: kept until the broker took it, so one whose publish met a
+        # dropped connection is sent on the next, not left to wait out GATEWAY_TIMEOUT
+        self._unsent: tuple[dict[str, Any], str] | None = None
         # correlation id -> (the reply's future, when to give up on it)
         self._waiting: dict[str, tuple[Future[dict[str, Any]], float]] = {}
         self._lock = threading.Lock()
@@ -189,6 +199,8 @@ class QueueGateway:
                     next_expiry = now + 0.1
                 with contextlib.suppress(TimeoutError, socket.timeout):
                     conn.drain_events(timeout=POLL_SECONDS)
+            with contextlib.suppress(Exception):  # stopping: no reply can reach anyone now
+                self._reply_queue(channel).delete()
 
     def _consumer_count(self, conn: Any) -> int:
         declared = conn.channel()
@@ -201,10 +213,17 @@ class QueueGateway:
 
     def _send_pending(self, producer: Producer) -> None:
         while True:
-            try:
-                body, correlation = self._outbox.get_nowait()
-            except queue.Empty:
-                return
+            if self._unsent is None:
+                try:
+                    self._unsent = self._outbox.get_nowait()
+                except queue.Empty:
+                    return
+            body, correlation = self._unsent
+            with self._lock:
+                wanted = correlation in self._waiting
+            if not wanted:  # answered (expired, refused) while it waited to be sent
+                self._unsent = None
+                continue
             try:
                 producer.publish(
                     body,
@@ -221,8 +240,9 @@ class QueueGateway:
                 # GATEWAY_TIMEOUT later), and the connection, with everyone else's replies, lives on.
                 refused = too_large_for_broker(exc)
                 if refused is None:
-                    raise
+                    raise  # the connection failed: `_unsent` goes first on the next one
                 self._refuse(correlation, refused)
+            self._unsent = None
 
     def _refuse(self, correlation: str, error: Exception) -> None:
         """Answer one waiting request with `error` (its reply, should one come, is then ignored)."""

@@ -747,6 +747,89 @@ def test_the_gateway_reconnects_when_the_broker_returns_and_a_stop_while_it_is_g
         proxy.stop()
 
 
+def test_a_reply_sent_while_the_gateways_connection_is_down_reaches_its_request(
+    broker: str, topology: Topology
+) -> None:
+    """A worker that finishes while the gateway is reconnecting (a network blip, a broker node
+    restarting behind a load balancer) replies into the gateway's reply queue. That queue was
+    exclusive, so the broker deleted it with the connection and dropped the reply: the HTTP
+    client waited out GATEWAY_TIMEOUT for a 503, although its image had been captioned."""
+    from kombu import Producer
+
+    from blip2_service.gateway import QueueGateway
+
+    proxy, url = _proxied(broker)
+    gateway = QueueGateway(url, topology, timeout=60, backoff=Backoff(0.1, 0.4))
+    # A worker that takes the request and answers when told (the protocol, not the model).
+    held: list[Any] = []
+    worker = Connection(broker)
+    Consumer(worker.channel(), queues=[topology.interactive_queue], callbacks=[lambda _b, m: held.append(m)]).consume()
+    gateway.start()
+    try:
+        wait_until(lambda: gateway.health()["workers"] == 1, 30, "the gateway to see the worker")
+        answer = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(31), FAST))
+        deadline = time.monotonic() + 30
+        while not held and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                worker.drain_events(timeout=0.2)
+        (message,) = held
+        reply_to = message.properties["reply_to"]
+        proxy.stop()  # the gateway's connection cut
+        wait_until(lambda: gateway.health()["state"] == "reconnecting", 30, "the gateway to notice")
+        wait_until(lambda: _queue_consumers(broker, reply_to) == 0, 30, "the broker to see the gateway gone")
+        body = {"status": "success", "predictions": [{"text": "a reply", "emoji_mappings": []}], "metadata": {}}
+        Producer(worker.channel()).publish(
+            body, routing_key=reply_to, correlation_id=message.properties["correlation_id"]
+        )
+        message.ack()
+        proxy.start()
+        result = answer.result(timeout=20)  # well inside GATEWAY_TIMEOUT
+        assert result.status == "succeeded" and result.predictions[0].text == "a reply"
+    finally:
+        gateway.stop(timeout=10)
+        worker.release()
+        proxy.stop()
+
+
+def test_a_request_whose_publish_met_a_dropped_connection_is_sent_on_the_next_one(
+    broker: str, topology: Topology
+) -> None:
+    """The AMQP thread took a request off its outbox, the publish failed with the connection, and
+    the request was never sent: its client waited out GATEWAY_TIMEOUT for a 503."""
+    from kombu import Producer
+
+    from blip2_service.gateway import QueueGateway
+
+    gateway = QueueGateway(broker, topology, timeout=60, backoff=Backoff(0.1, 0.4))
+    answer = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(32), FAST))
+    dropped = Connection(broker)
+    producer = Producer(dropped.channel())
+    dropped.collect()  # the connection gone under the producer, as a broker restart leaves it
+    with pytest.raises(Exception, match="connection closed"):
+        gateway._send_pending(producer)  # what the AMQP thread does, on the connection that failed
+    held: list[Any] = []
+    worker = Connection(broker)
+    channel = worker.channel()
+    topology.declare(channel)
+    Consumer(channel, queues=[topology.interactive_queue], callbacks=[lambda _b, m: held.append(m)]).consume()
+    gateway.start()  # the next connection
+    try:
+        deadline = time.monotonic() + 30
+        while not held and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                worker.drain_events(timeout=0.2)
+        (message,) = held
+        body = {"status": "success", "predictions": [{"text": "sent", "emoji_mappings": []}], "metadata": {}}
+        Producer(worker.channel()).publish(
+            body, routing_key=message.properties["reply_to"], correlation_id=message.properties["correlation_id"]
+        )
+        message.ack()
+        assert answer.result(timeout=20).predictions[0].text == "sent"
+    finally:
+        gateway.stop(timeout=10)
+        worker.release()
+
+
 class BrokerSettings:
     """RabbitMQ's own settings (the `rabbit` application's environment), changed at run time
     through `rabbitmqctl eval` for one test and put back after it: this needs the broker on this
