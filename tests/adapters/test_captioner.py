@@ -153,6 +153,32 @@ def test_out_of_memory_splits_the_batch_instead_of_failing(captioner: Captioner,
     assert sizes[0] == 6 and max(sizes[1:]) <= 3 and sum(s for s in sizes if s <= 2) == 6
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"avx512f", "amx_tile", "amx_bf16", "avx512_bf16"}, "bfloat16"),  # Xeon with AMX
+        ({"avx512f", "avx512_bf16"}, "float32"),  # EPYC Zen 4/5, a Xeon with AMX hidden
+        ({"avx2"}, "float32"),
+    ],
+)
+def test_dtype_auto_on_a_cpu_is_bfloat16_only_with_amx(
+    flags: set[str], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With AVX512-BF16 alone, bf16 ran the vision tower and the prefill at half float32's speed
+    (bench/RESULTS.md): DTYPE=auto once picked it there and made the default captioning slower."""
+    import torch
+
+    from blip2_service.captioner import loading
+
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):  # answer from the flags alone
+        monkeypatch.delattr(torch.cpu, probe, raising=False)
+    monkeypatch.setattr(loading, "_cpu_flags", lambda: flags)
+    assert loading.pick_dtype("auto", torch.device("cpu")) == getattr(torch, expected)
+    assert loading.pick_dtype("auto", torch.device("cuda:0")) == torch.float16
+    assert loading.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16  # asked for: always given
+    assert loading.cpu_has_native_bf16() == ("avx512_bf16" in flags)
+
+
 def test_bf16_on_cpu_prepacks_linear_weights_without_changing_captions(data_dir: Path) -> None:
     import torch
 

@@ -66,11 +66,11 @@ def pick_device(device: str) -> Any:
     return torch.device(device)
 
 
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: there bf16 matmuls run 1.6-5x faster than float32; elsewhere slower."""
+def _cpu_has(probes: tuple[str, ...], flags: tuple[str, ...]) -> bool:
+    """torch's own CPU probes, else the kernel's flags (an older torch has fewer probes)."""
     import torch
 
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+    for probe in probes:
         check = getattr(torch.cpu, probe, None)
         if check is not None:
             try:
@@ -78,11 +78,30 @@ def cpu_has_native_bf16() -> bool:
                     return True
             except RuntimeError:
                 pass
+    return not _cpu_flags().isdisjoint(flags)
+
+
+def _cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: oneDNN runs bfloat16 matmuls natively (DTYPE=bfloat16 works well)."""
+    return _cpu_has(("_is_amx_tile_supported", "_is_avx512_bf16_supported"), ("amx_bf16", "avx512_bf16"))
+
+
+def cpu_has_amx() -> bool:
+    """AMX: the only CPUs where bfloat16 is the faster choice for the whole model.
+
+    With AMX a bf16 matmul runs 3-5x faster than float32 at every size. With AVX512-BF16 alone
+    (AMD EPYC Zen 4/5, Xeons whose hypervisor hides AMX) it is faster only at a few rows: on such
+    a Xeon, bf16 took 0.53x float32's speed in the vision tower and the prefill, 0.82x in a beam-5
+    decode step, 2.5x only in a greedy step at 8 rows (bench/RESULTS.md, "DTYPE=auto on CPUs").
+    """
+    return _cpu_has(("_is_amx_tile_supported",), ("amx_bf16",))
 
 
 def pick_dtype(dtype: str, device: Any) -> Any:
@@ -92,7 +111,7 @@ def pick_dtype(dtype: str, device: Any) -> Any:
         return getattr(torch, dtype)
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
+    if device.type == "cpu" and cpu_has_amx():
         return torch.bfloat16
     return torch.float32
 
