@@ -27,7 +27,7 @@ from typing import Any
 from kombu import Consumer, Producer, Queue
 
 from .amqp_topology import POLL_SECONDS, Topology, connect, too_large_for_broker
-from .domain import CaptionRequest, CaptionResult, EmojiMapping, ModelNotReady, Prediction
+from .domain import CaptionRequest, CaptionResult, EmojiMapping, ModelNotReady, Overloaded, Prediction
 from .retry import WORK, Backoff
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,18 @@ log = logging.getLogger(__name__)
 class QueueGateway:
     name = "gateway"
 
-    def __init__(self, broker_url: str, topology: Topology, *, timeout: float, backoff: Backoff = WORK) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        topology: Topology,
+        *,
+        timeout: float,
+        max_pending: int = 256,
+        backoff: Backoff = WORK,
+    ) -> None:
         self.topology = topology
         self.timeout = timeout
+        self.max_pending = max_pending
         self.backoff = backoff
         self._connection = connect(broker_url)
         # Not exclusive: an exclusive queue dies with its connection, and a reply a worker sends
@@ -101,7 +110,8 @@ class QueueGateway:
     def submit(self, request: CaptionRequest) -> Future[CaptionResult]:
         """Send one request; the future resolves to the worker's result, or to ModelNotReady
         (a TransientError: 503 with Retry-After) when no worker answers within GATEWAY_TIMEOUT.
-        Raises ModelNotReady at once while the broker is out of reach or no worker consumes."""
+        Raises ModelNotReady at once while the broker is out of reach or no worker consumes, and
+        Overloaded while MAX_PENDING requests wait on the workers."""
         if self.state == "reconnecting":  # would only wait out GATEWAY_TIMEOUT: say why, at once
             raise ModelNotReady(
                 f"The gateway cannot reach the broker ({self.last_error}); retry shortly",
@@ -115,6 +125,15 @@ class QueueGateway:
         correlation = uuid.uuid4().hex
         reply: Future[dict[str, Any]] = Future()
         with self._lock:
+            # MAX_PENDING, as in serve: without it a burst put every request it brought on the
+            # queue, and the workers went on captioning requests whose clients had long had
+            # their 503, while every new one waited behind them and timed out in turn.
+            if len(self._waiting) >= self.max_pending:
+                raise Overloaded(
+                    f"The gateway is overloaded ({self.max_pending} requests waiting on the workers, "
+                    "MAX_PENDING); retry shortly",
+                    retry_after=1,
+                )
             self._waiting[correlation] = (reply, time.monotonic() + self.timeout)
         settings = request.settings
         body: dict[str, Any] = {

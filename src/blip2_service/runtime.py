@@ -122,6 +122,7 @@ class Runtime:
                 self.settings.broker_url,
                 Topology(self.settings.queue_name, self.settings.results_exchange),
                 timeout=self.settings.gateway_timeout,
+                max_pending=self.settings.max_pending,
             )
             self.metrics.pending.set_function(lambda: self.gateway.pending)  # the pipeline has none here
             self.gateway.start()

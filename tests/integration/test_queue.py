@@ -747,6 +747,42 @@ def test_the_gateway_reconnects_when_the_broker_returns_and_a_stop_while_it_is_g
         proxy.stop()
 
 
+class _HeldWorker:
+    """A worker that takes the gateway's requests and answers each only when the test says (the
+    protocol, not the model): the test decides when, and what, a request is answered."""
+
+    def __init__(self, url: str, topology: Topology) -> None:
+        self.connection = Connection(url)
+        channel = self.connection.channel()
+        topology.declare(channel)
+        self.held: list[Any] = []
+        Consumer(channel, queues=[topology.interactive_queue], callbacks=[lambda _b, m: self.held.append(m)]).consume()
+
+    def take(self, n: int, timeout: float = 30) -> list[Any]:
+        """Wait until `n` requests are held."""
+        deadline = time.monotonic() + timeout
+        while len(self.held) < n and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                self.connection.drain_events(timeout=0.2)
+        assert len(self.held) == n, f"{len(self.held)} requests reached the worker, expected {n}"
+        return self.held
+
+    def answer(self, text: str = "held") -> None:
+        """Reply to every held request, as a worker that captioned it would, and ack it."""
+        from kombu import Producer
+
+        producer = Producer(self.connection.channel())
+        body = {"status": "success", "predictions": [{"text": text, "emoji_mappings": []}], "metadata": {}}
+        for message in self.held:
+            props = message.properties
+            producer.publish(body, routing_key=props["reply_to"], correlation_id=props["correlation_id"])
+            message.ack()
+        self.held.clear()
+
+    def close(self) -> None:
+        self.connection.release()
+
+
 def test_a_reply_sent_while_the_gateways_connection_is_down_reaches_its_request(
     broker: str, topology: Topology
 ) -> None:
@@ -754,40 +790,26 @@ def test_a_reply_sent_while_the_gateways_connection_is_down_reaches_its_request(
     restarting behind a load balancer) replies into the gateway's reply queue. That queue was
     exclusive, so the broker deleted it with the connection and dropped the reply: the HTTP
     client waited out GATEWAY_TIMEOUT for a 503, although its image had been captioned."""
-    from kombu import Producer
-
     from blip2_service.gateway import QueueGateway
 
     proxy, url = _proxied(broker)
     gateway = QueueGateway(url, topology, timeout=60, backoff=Backoff(0.1, 0.4))
-    # A worker that takes the request and answers when told (the protocol, not the model).
-    held: list[Any] = []
-    worker = Connection(broker)
-    Consumer(worker.channel(), queues=[topology.interactive_queue], callbacks=[lambda _b, m: held.append(m)]).consume()
+    worker = _HeldWorker(broker, topology)
     gateway.start()
     try:
         wait_until(lambda: gateway.health()["workers"] == 1, 30, "the gateway to see the worker")
         answer = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(31), FAST))
-        deadline = time.monotonic() + 30
-        while not held and time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                worker.drain_events(timeout=0.2)
-        (message,) = held
-        reply_to = message.properties["reply_to"]
+        reply_to = worker.take(1)[0].properties["reply_to"]
         proxy.stop()  # the gateway's connection cut
         wait_until(lambda: gateway.health()["state"] == "reconnecting", 30, "the gateway to notice")
         wait_until(lambda: _queue_consumers(broker, reply_to) == 0, 30, "the broker to see the gateway gone")
-        body = {"status": "success", "predictions": [{"text": "a reply", "emoji_mappings": []}], "metadata": {}}
-        Producer(worker.channel()).publish(
-            body, routing_key=reply_to, correlation_id=message.properties["correlation_id"]
-        )
-        message.ack()
+        worker.answer("a reply")
         proxy.start()
         result = answer.result(timeout=20)  # well inside GATEWAY_TIMEOUT
         assert result.status == "succeeded" and result.predictions[0].text == "a reply"
     finally:
         gateway.stop(timeout=10)
-        worker.release()
+        worker.close()
         proxy.stop()
 
 
@@ -807,27 +829,15 @@ def test_a_request_whose_publish_met_a_dropped_connection_is_sent_on_the_next_on
     dropped.collect()  # the connection gone under the producer, as a broker restart leaves it
     with pytest.raises(Exception, match="connection closed"):
         gateway._send_pending(producer)  # what the AMQP thread does, on the connection that failed
-    held: list[Any] = []
-    worker = Connection(broker)
-    channel = worker.channel()
-    topology.declare(channel)
-    Consumer(channel, queues=[topology.interactive_queue], callbacks=[lambda _b, m: held.append(m)]).consume()
+    worker = _HeldWorker(broker, topology)
     gateway.start()  # the next connection
     try:
-        deadline = time.monotonic() + 30
-        while not held and time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                worker.drain_events(timeout=0.2)
-        (message,) = held
-        body = {"status": "success", "predictions": [{"text": "sent", "emoji_mappings": []}], "metadata": {}}
-        Producer(worker.channel()).publish(
-            body, routing_key=message.properties["reply_to"], correlation_id=message.properties["correlation_id"]
-        )
-        message.ack()
+        worker.take(1)
+        worker.answer("sent")
         assert answer.result(timeout=20).predictions[0].text == "sent"
     finally:
         gateway.stop(timeout=10)
-        worker.release()
+        worker.close()
 
 
 class BrokerSettings:
@@ -928,14 +938,14 @@ def test_an_image_over_the_brokers_message_size_is_a_413_at_once_and_everyone_el
         publisher.close()
 
 
-async def test_the_gateway_counts_the_requests_waiting_on_workers_in_health_and_metrics(
+async def test_the_gateway_counts_the_requests_waiting_on_workers_and_refuses_past_max_pending(
     broker: str, topology: Topology, settings_factory: Callable[..., Any], aiohttp_client: Any
 ) -> None:
     """In gateway mode nothing goes through the local pipeline: /health's `pending` and the
-    blip2_pending gauge said 0 however many requests waited on the workers."""
+    blip2_pending gauge said 0 however many requests waited on the workers, and MAX_PENDING held
+    nothing back: a burst put every request on the queue, and the workers captioned requests
+    whose clients had long had their 503 while each new one waited behind them."""
     import asyncio
-
-    from kombu import Producer
 
     from blip2_service.runtime import Runtime
 
@@ -946,29 +956,13 @@ async def test_the_gateway_counts_the_requests_waiting_on_workers_in_health_and_
             queue_name=topology.queue_name,
             results_exchange=topology.results_exchange_name,
             gateway_timeout=60,
+            max_pending=3,
         )
     )
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, runtime.start)
     client = await aiohttp_client(runtime.make_app())
-    # A worker that takes requests and answers only when told (the protocol, not the model).
-    held: list[Any] = []
-    conn = Connection(broker)
-    Consumer(conn.channel(), queues=[topology.interactive_queue], callbacks=[lambda _b, m: held.append(m)]).consume()
-
-    def take(n: int) -> None:
-        deadline = time.monotonic() + 30
-        while len(held) < n and time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                conn.drain_events(timeout=0.2)
-
-    def answer() -> None:
-        producer = Producer(conn.channel())
-        body = {"status": "success", "predictions": [{"text": "held", "emoji_mappings": []}], "metadata": {}}
-        for message in held:
-            props = message.properties
-            producer.publish(body, routing_key=props["reply_to"], correlation_id=props["correlation_id"])
-            message.ack()
+    worker = _HeldWorker(broker, topology)
 
     async def pending() -> tuple[int, str]:
         health = await (await client.get("/health")).json()
@@ -982,15 +976,21 @@ async def test_the_gateway_counts_the_requests_waiting_on_workers_in_health_and_
             await asyncio.sleep(0.2)
         image = {"headers": {"Content-Type": "image/jpeg"}}
         posts = [asyncio.create_task(client.post("/v3/analyze", data=image_bytes(900 + i), **image)) for i in range(3)]
-        await loop.run_in_executor(None, take, 3)
-        assert len(held) == 3
+        await loop.run_in_executor(None, worker.take, 3)
         assert await pending() == (3, "blip2_pending 3.0")
-        await loop.run_in_executor(None, answer)
+        refused = await client.post("/v3/analyze", data=image_bytes(903), **image)  # a fourth: over MAX_PENDING
+        assert refused.status == 503 and refused.headers["Retry-After"] == "1"
+        assert "MAX_PENDING" in (await refused.json())["error"]["message"]
+        await loop.run_in_executor(None, worker.answer)
         answers = await asyncio.gather(*posts)
         assert [a.status for a in answers] == [200, 200, 200]
         assert await pending() == (0, "blip2_pending 0.0")
+        again = asyncio.create_task(client.post("/v3/analyze", data=image_bytes(904), **image))
+        await loop.run_in_executor(None, worker.take, 1)
+        await loop.run_in_executor(None, worker.answer)
+        assert (await again).status == 200
     finally:
-        conn.release()
+        worker.close()
         await loop.run_in_executor(None, runtime.stop)
 
 
