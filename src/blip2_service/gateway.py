@@ -112,28 +112,10 @@ class QueueGateway:
         (a TransientError: 503 with Retry-After) when no worker answers within GATEWAY_TIMEOUT.
         Raises ModelNotReady at once while the broker is out of reach or no worker consumes, and
         Overloaded while MAX_PENDING requests wait on the workers."""
-        if self.state == "reconnecting":  # would only wait out GATEWAY_TIMEOUT: say why, at once
-            raise ModelNotReady(
-                f"The gateway cannot reach the broker ({self.last_error}); retry shortly",
-                retry_after=max(1.0, min(self.timeout, 5.0)),
-            )
-        if self.workers == 0 and self._ready.is_set():
-            raise ModelNotReady(
-                f"No worker is consuming {self.topology.interactive_name}; start `blip2-service consume` on a GPU host",
-                retry_after=10,
-            )
         correlation = uuid.uuid4().hex
         reply: Future[dict[str, Any]] = Future()
         with self._lock:
-            # MAX_PENDING, as in serve: without it a burst put every request it brought on the
-            # queue, and the workers went on captioning requests whose clients had long had
-            # their 503, while every new one waited behind them and timed out in turn.
-            if len(self._waiting) >= self.max_pending:
-                raise Overloaded(
-                    f"The gateway is overloaded ({self.max_pending} requests waiting on the workers, "
-                    "MAX_PENDING); retry shortly",
-                    retry_after=1,
-                )
+            self.ensure_ready()
             self._waiting[correlation] = (reply, time.monotonic() + self.timeout)
         settings = request.settings
         body: dict[str, Any] = {
@@ -158,6 +140,28 @@ class QueueGateway:
 
         reply.add_done_callback(done)
         return outer
+
+    def ensure_ready(self) -> None:
+        """Raise what `submit` would refuse with: lets a door refuse before reading the upload."""
+        if self.state == "reconnecting":  # would only wait out GATEWAY_TIMEOUT: say why, at once
+            raise ModelNotReady(
+                f"The gateway cannot reach the broker ({self.last_error}); retry shortly",
+                retry_after=max(1.0, min(self.timeout, 5.0)),
+            )
+        if self.workers == 0 and self._ready.is_set():
+            raise ModelNotReady(
+                f"No worker is consuming {self.topology.interactive_name}; start `blip2-service consume` on a GPU host",
+                retry_after=10,
+            )
+        # MAX_PENDING, as in serve: without it a burst put every request it brought on the queue,
+        # and the workers went on captioning requests whose clients had long had their 503,
+        # while every new one waited behind them and timed out in turn.
+        if len(self._waiting) >= self.max_pending:
+            raise Overloaded(
+                f"The gateway is overloaded ({self.max_pending} requests waiting on the workers, "
+                "MAX_PENDING); retry shortly",
+                retry_after=1,
+            )
 
     def _expire_overdue(self) -> None:
         """Fail the requests no worker answered within GATEWAY_TIMEOUT (the AMQP thread's loop

@@ -957,6 +957,7 @@ async def test_the_gateway_counts_the_requests_waiting_on_workers_and_refuses_pa
             results_exchange=topology.results_exchange_name,
             gateway_timeout=60,
             max_pending=3,
+            request_timeout=30,
         )
     )
     loop = asyncio.get_running_loop()
@@ -981,6 +982,15 @@ async def test_the_gateway_counts_the_requests_waiting_on_workers_and_refuses_pa
         refused = await client.post("/v3/analyze", data=image_bytes(903), **image)  # a fourth: over MAX_PENDING
         assert refused.status == 503 and refused.headers["Retry-After"] == "1"
         assert "MAX_PENDING" in (await refused.json())["error"]["message"]
+        # ... refused before its upload is read: an upload that has not arrived yet is not waited for
+        reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+        writer.write(
+            b"POST /v3/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 9000000\r\n\r\n"
+        )
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), timeout=10)  # REQUEST_TIMEOUT is 30 s here
+        assert status_line.split()[1] == b"503", status_line
+        writer.close()
         await loop.run_in_executor(None, worker.answer)
         answers = await asyncio.gather(*posts)
         assert [a.status for a in answers] == [200, 200, 200]

@@ -104,9 +104,13 @@ async def _read_input(
 
 
 async def model_ready(ctx: HttpContext) -> None:
-    """Wait (up to LOAD_WAIT_SECONDS) while the model loads or warms, instead of answering 503:
-    the legacy service's clients take any answer as final, and a client that gives up first
-    sees no answer, which they retry."""
+    """Refuse (503) before the upload is read when it could not be captioned now. Waits (up to
+    LOAD_WAIT_SECONDS) while the model loads or warms, instead of answering 503: the legacy
+    service's clients take any answer as final, and a client that gives up first sees no
+    answer, which they retry."""
+    if ctx.gateway is not None:
+        ctx.gateway.ensure_ready()
+        return
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ctx.settings.load_wait_seconds
     while ctx.holder.status in ("loading", "warming") and loop.time() < deadline:
@@ -121,8 +125,7 @@ async def _analyze(request: web.Request, url_key: str, file_key: str) -> web.Res
         settings = generation_from_query(request.query, ctx.settings.generation())
         store = _flag(request.query, "store", True)
         refresh = _flag(request.query, "refresh", False)
-        if ctx.gateway is None:
-            await model_ready(ctx)
+        await model_ready(ctx)
         deadline = asyncio.get_running_loop().time() + ctx.settings.request_timeout
         data, ref = await _read_input(request, ctx, url_key, file_key, deadline)
         caption_request = CaptionRequest(Source.HTTP, ref, data, settings, store=store, refresh=refresh)

@@ -174,8 +174,7 @@ async def caption_image(request: web.Request) -> web.Response:
     sha = info["sha256"]
     paths = [loc["source_ref"] for loc in info["locations"] if loc["source_ref"].startswith("/")]
     try:
-        if ctx.gateway is None:
-            await model_ready(ctx)
+        await model_ready(ctx)
         found = await _in_executor(partial(read_copy, sha, paths, ctx.file_roots, ctx.settings.max_file_size))
         again = CaptionRequest(
             Source.HTTP,
