@@ -36,7 +36,8 @@ _MEANING = {
     422: "an image that cannot be decoded (stored as failed)",
     502: "the URL could not be fetched",
     503: "the model failed, is still loading after LOAD_WAIT_SECONDS, the store is down, or the service is "
-    "overloaded; Retry-After says when to try again",
+    "overloaded (MAX_PENDING, MAX_CONNECTIONS); behind a gateway (INFERENCE=queue) also: the broker is out "
+    "of reach, no worker consumes, or none answered within GATEWAY_TIMEOUT; Retry-After says when to try again",
 }
 
 
