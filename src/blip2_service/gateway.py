@@ -156,7 +156,7 @@ class QueueGateway:
         # MAX_PENDING, as in serve: without it a burst put every request it brought on the queue,
         # and the workers went on captioning requests whose clients had long had their 503,
         # while every new one waited behind them and timed out in turn.
-        if len(self._waiting) >= self.max_pending:
+        if self.pending >= self.max_pending:
             raise Overloaded(
                 f"The gateway is overloaded ({self.max_pending} requests waiting on the workers, "
                 "MAX_PENDING); retry shortly",
@@ -267,20 +267,22 @@ class QueueGateway:
                 self._refuse(correlation, refused)
             self._unsent = None
 
-    def _refuse(self, correlation: str, error: Exception) -> None:
-        """Answer one waiting request with `error` (its reply, should one come, is then ignored)."""
+    def _claim(self, correlation: str) -> Future[dict[str, Any]] | None:
+        """Take one request off the waiting list: its future, or None when it is answered already."""
         with self._lock:
             waiting = self._waiting.pop(correlation, None)
-        if waiting is not None and not waiting[0].done():
-            waiting[0].set_exception(error)
+        return waiting[0] if waiting is not None and not waiting[0].done() else None
+
+    def _refuse(self, correlation: str, error: Exception) -> None:
+        """Answer one waiting request with `error` (its reply, should one come, is then ignored)."""
+        if (future := self._claim(correlation)) is not None:
+            future.set_exception(error)
 
     def _on_reply(self, body: Any, message: Any) -> None:
         message.ack()
-        correlation = message.properties.get("correlation_id")
-        with self._lock:
-            waiting = self._waiting.pop(correlation, None)
-        if waiting is not None and not waiting[0].done() and isinstance(body, dict):
-            waiting[0].set_result(body)
+        future = self._claim(message.properties.get("correlation_id") or "")
+        if future is not None and isinstance(body, dict):
+            future.set_result(body)
 
 
 def result_from_reply(body: dict[str, Any]) -> CaptionResult:

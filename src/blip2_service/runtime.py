@@ -258,9 +258,9 @@ class Runtime:
             return
 
         def run() -> None:
-            if self.holder.wait():
+            if self.holder.wait_unless(stop):
                 self.start_adapters(watch=watch, consume=consume, stop=stop)
-            else:
+            elif self.holder.status == "failed":
                 log.error("not starting watcher/consumer: the model did not load")
 
         threading.Thread(target=run, name="adapter-starter", daemon=True).start()
