@@ -27,10 +27,29 @@ from typing import Any
 from kombu import Consumer, Producer, Queue
 
 from .amqp_topology import POLL_SECONDS, Topology, connect, too_large_for_broker
-from .domain import CaptionRequest, CaptionResult, EmojiMapping, ModelNotReady, Overloaded, Prediction
+from .domain import (
+    CaptionError,
+    CaptionRequest,
+    CaptionResult,
+    EmojiMapping,
+    ModelNotReady,
+    Overloaded,
+    Prediction,
+)
 from .retry import WORK, Backoff
 
 log = logging.getLogger(__name__)
+
+
+class WorkerReplyUnreadable(CaptionError):
+    """A worker answered with a body this gateway cannot read: a 502 (Bad Gateway), for what it is."""
+
+    status = 502
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(
+            f"A worker's reply could not be read ({cause}); check that the workers run the gateway's version"
+        )
 
 
 class QueueGateway:
@@ -52,11 +71,13 @@ class QueueGateway:
         self._connection = connect(broker_url)
         # Not exclusive: an exclusive queue dies with its connection, and a reply a worker sends
         # while this one reconnects would be dropped, its client left to GATEWAY_TIMEOUT although
-        # the image was captioned. This one outlives a dropped connection by GATEWAY_TIMEOUT + 60 s
+        # the image was captioned. Durable, for the same reason across a broker restart (the
+        # requests' queue is durable, and the workers' replies persistent, so a request in flight
+        # is answered once the broker is back). It outlives its gateway by GATEWAY_TIMEOUT + 60 s
         # (a gateway that is gone for good leaves nothing behind); a clean stop deletes it.
         self._reply_queue = Queue(
             f"blip2.gateway.{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
-            durable=False,
+            durable=True,
             auto_delete=False,
             expires=timeout + 60,
         )
@@ -65,7 +86,7 @@ class QueueGateway:
         # dropped connection is sent on the next, not left to wait out GATEWAY_TIMEOUT
         self._unsent: tuple[dict[str, Any], str] | None = None
         # correlation id -> (the reply's future, when to give up on it)
-        self._waiting: dict[str, tuple[Future[dict[str, Any]], float]] = {}
+        self._waiting: dict[str, tuple[Future[CaptionResult], float]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -113,7 +134,7 @@ class QueueGateway:
         Raises ModelNotReady at once while the broker is out of reach or no worker consumes, and
         Overloaded while MAX_PENDING requests wait on the workers."""
         correlation = uuid.uuid4().hex
-        reply: Future[dict[str, Any]] = Future()
+        reply: Future[CaptionResult] = Future()
         with self._lock:
             self.ensure_ready()
             self._waiting[correlation] = (reply, time.monotonic() + self.timeout)
@@ -129,17 +150,7 @@ class QueueGateway:
         if settings.prompt:
             body["prompt"] = settings.prompt
         self._outbox.put((body, correlation))
-        outer: Future[CaptionResult] = Future()
-
-        def done(f: Future[dict[str, Any]]) -> None:
-            exc = f.exception()
-            if exc is not None:
-                outer.set_exception(exc)
-            else:
-                outer.set_result(result_from_reply(f.result()))
-
-        reply.add_done_callback(done)
-        return outer
+        return reply
 
     def ensure_ready(self) -> None:
         """Raise what `submit` would refuse with: lets a door refuse before reading the upload."""
@@ -206,7 +217,13 @@ class QueueGateway:
             channel = conn.channel()
             self.topology.declare(channel)
             producer = Producer(conn.channel())
-            consumer = Consumer(channel, queues=[self._reply_queue], callbacks=[self._on_reply], accept=["json"])
+            consumer = Consumer(
+                channel,
+                queues=[self._reply_queue],
+                callbacks=[self._on_reply],
+                on_decode_error=self._on_undecodable,
+                accept=["json"],
+            )
             consumer.consume()
             self.state = "connected"
             next_count = next_expiry = 0.0
@@ -267,7 +284,7 @@ class QueueGateway:
                 self._refuse(correlation, refused)
             self._unsent = None
 
-    def _claim(self, correlation: str) -> Future[dict[str, Any]] | None:
+    def _claim(self, correlation: str) -> Future[CaptionResult] | None:
         """Take one request off the waiting list: its future, or None when it is answered already."""
         with self._lock:
             waiting = self._waiting.pop(correlation, None)
@@ -279,14 +296,37 @@ class QueueGateway:
             future.set_exception(error)
 
     def _on_reply(self, body: Any, message: Any) -> None:
+        self._answer(message, body, None)
+
+    def _on_undecodable(self, message: Any, error: Exception) -> None:
+        """A reply that is not JSON. Without this hook kombu raised out of `drain_events`: the
+        gateway took it for a dropped connection, the reply came back on the next one, and the
+        gateway reconnected for ever, answering no one."""
+        self._answer(message, None, error)
+
+    def _answer(self, message: Any, body: Any, error: Exception | None) -> None:
+        """Ack a reply and answer its request: the worker's result, or a 502 when the reply cannot
+        be read (a worker of another version, or not ours): one line at once, not a wait until
+        the client gives up (the request is off the list, so nothing else would answer it)."""
         message.ack()
         future = self._claim(message.properties.get("correlation_id") or "")
-        if future is not None and isinstance(body, dict):
-            future.set_result(body)
+        if future is None:
+            return
+        if error is None:
+            try:
+                future.set_result(result_from_reply(body))
+                return
+            except (TypeError, KeyError, ValueError, AttributeError) as exc:
+                error = exc
+        log.warning("gateway: unreadable reply from a worker (%s: %s)", type(error).__name__, error)
+        future.set_exception(WorkerReplyUnreadable(error))
 
 
-def result_from_reply(body: dict[str, Any]) -> CaptionResult:
-    """A worker's queue result (the legacy body plus record_id, image_sha256, error_status) as a result."""
+def result_from_reply(body: Any) -> CaptionResult:
+    """A worker's queue result (the legacy body plus record_id, image_sha256, error_status) as a
+    result; TypeError, KeyError, ValueError or AttributeError for a body not of that shape."""
+    if not isinstance(body, dict):
+        raise TypeError(f"the reply is a JSON {type(body).__name__}, not an object")
     metadata = body.get("metadata") or {}
     model = (metadata.get("model_info") or {}).get("name", "")
     if body.get("status") == "success":

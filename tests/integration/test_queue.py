@@ -489,7 +489,7 @@ def test_a_store_outage_delays_but_loses_nothing(
 
 
 def test_messages_held_past_the_brokers_consumer_timeout_come_back_and_the_consumer_goes_on(
-    broker_settings: BrokerSettings,
+    broker_control: BrokerControl,
     start_consumer: Callable[..., QueueConsumer],
     pg_url: str,
     publisher: QueuePublisher,
@@ -500,8 +500,8 @@ def test_messages_held_past_the_brokers_consumer_timeout_come_back_and_the_consu
     """A store outage longer than RabbitMQ's consumer_timeout (30 min by default; 2 s here, checked
     every second): the broker closes the channel with PRECONDITION_FAILED, which the consumer took
     for a queue declared with other arguments, and it stopped consuming for good."""
-    broker_settings.set("consumer_timeout", 2000)
-    broker_settings.set("channel_tick_interval", 500)
+    broker_control.set("consumer_timeout", 2000)
+    broker_control.set("channel_tick_interval", 500)
     proxy, engine, store = _store_behind_a_proxy(pg_url, Backoff(0.1, 0.5, 2))
     consumer = start_consumer(store)
     proxy.stop()  # Postgres connections refused from here on
@@ -767,15 +767,17 @@ class _HeldWorker:
         assert len(self.held) == n, f"{len(self.held)} requests reached the worker, expected {n}"
         return self.held
 
-    def answer(self, text: str = "held") -> None:
-        """Reply to every held request, as a worker that captioned it would, and ack it."""
+    def answer(self, text: str = "held", body: Any = None, **publish: Any) -> None:
+        """Reply to every held request, as a worker that captioned it would (or with `body`,
+        published with `publish`'s options), and ack it."""
         from kombu import Producer
 
         producer = Producer(self.connection.channel())
-        body = {"status": "success", "predictions": [{"text": text, "emoji_mappings": []}], "metadata": {}}
+        if body is None:
+            body = {"status": "success", "predictions": [{"text": text, "emoji_mappings": []}], "metadata": {}}
         for message in self.held:
             props = message.properties
-            producer.publish(body, routing_key=props["reply_to"], correlation_id=props["correlation_id"])
+            producer.publish(body, routing_key=props["reply_to"], correlation_id=props["correlation_id"], **publish)
             message.ack()
         self.held.clear()
 
@@ -813,6 +815,46 @@ def test_a_reply_sent_while_the_gateways_connection_is_down_reaches_its_request(
         proxy.stop()
 
 
+def test_a_reply_the_gateway_cannot_read_is_a_502_at_once_and_the_next_one_is_answered(
+    broker: str, topology: Topology
+) -> None:
+    """A worker of another version (a rolling upgrade) or not ours answers with a body of another
+    shape. The gateway took the request off its list and dropped the reply (not an object), or
+    failed reading it in a callback that swallowed the error: nothing answered the client again,
+    which waited until it gave up (GATEWAY_TIMEOUT no longer applied). A reply that was not JSON
+    at all was worse: kombu raised it out of the connection's loop, the gateway reconnected, was
+    handed the same reply again, and answered no one from then on."""
+    from blip2_service.gateway import QueueGateway, WorkerReplyUnreadable
+
+    gateway = QueueGateway(broker, topology, timeout=60, backoff=Backoff(0.1, 0.4))
+    worker = _HeldWorker(broker, topology)
+    gateway.start()
+    unreadable: list[tuple[Any, dict[str, str]]] = [
+        (["a", "list"], {}),
+        ("a string", {}),  # kombu sends a str as text/plain: a content type the gateway refuses
+        (b'{"status": "succ', {"content_type": "application/json", "content_encoding": "utf-8"}),
+        ({"status": "success", "predictions": [{"txt": "no text"}]}, {}),
+        ({"status": "failed", "error_status": "not a number"}, {}),
+    ]
+    try:
+        wait_until(lambda: gateway.health()["workers"] == 1, 30, "the gateway to see the worker")
+        for n, (body, publish) in enumerate(unreadable):
+            answer = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(40 + n), FAST))
+            worker.take(1)
+            worker.answer(body=body, **publish)
+            with pytest.raises(WorkerReplyUnreadable, match="could not be read") as refused:
+                answer.result(timeout=20)  # well inside GATEWAY_TIMEOUT
+            assert refused.value.status == 502
+        answer = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(49), FAST))
+        worker.take(1)
+        worker.answer("still answering")
+        assert answer.result(timeout=20).predictions[0].text == "still answering"
+        assert gateway.pending == 0
+    finally:
+        gateway.stop(timeout=10)
+        worker.close()
+
+
 def test_a_request_whose_publish_met_a_dropped_connection_is_sent_on_the_next_one(
     broker: str, topology: Topology
 ) -> None:
@@ -840,18 +882,75 @@ def test_a_request_whose_publish_met_a_dropped_connection_is_sent_on_the_next_on
         worker.close()
 
 
-class BrokerSettings:
-    """RabbitMQ's own settings (the `rabbit` application's environment), changed at run time
-    through `rabbitmqctl eval` for one test and put back after it: this needs the broker on this
-    machine. Channels opened after a change see it."""
+def test_a_request_in_flight_through_the_gateway_is_answered_after_a_broker_restart(
+    broker_control: BrokerControl,
+    broker: str,
+    topology: Topology,
+    start_consumer: Callable[..., QueueConsumer],
+    sqlite_store: CaptionRepository,
+) -> None:
+    """The broker restarts while a worker holds a gateway's request. The request's queue is
+    durable, so the request comes back for a worker; the gateway's reply queue was transient, so
+    the restart deleted it and the worker's reply went nowhere: the client waited out
+    GATEWAY_TIMEOUT for a 503 although its image was captioned and stored. Here the reply is sent
+    while the gateway is still away (its way to the broker cut), so only a reply queue that
+    outlived the restart can hold it."""
+    from blip2_service.gateway import QueueGateway
+
+    proxy, url = _proxied(broker)
+    gateway = QueueGateway(url, topology, timeout=120, backoff=Backoff(0.1, 0.4))
+    held = _HeldWorker(broker, topology)
+    gateway.start()
+    try:
+        wait_until(lambda: gateway.health()["workers"] == 1, 30, "the gateway to see the worker")
+        answer = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(33), FAST))
+        reply_to = held.take(1)[0].properties["reply_to"]
+        proxy.stop()
+        wait_until(lambda: gateway.health()["state"] == "reconnecting", 30, "the gateway to notice")
+        broker_control.restart()  # the held request goes back to its queue, unanswered
+        worker = start_consumer(sqlite_store)  # a real worker takes it: the model, the store, the reply
+        wait_until(lambda: worker.counts["succeeded"] == 1, 60, "the worker to caption the request")
+        assert _queue_depth(broker, reply_to) == 1  # the reply waits for its gateway
+        proxy.start()
+        result = answer.result(timeout=30)  # well inside GATEWAY_TIMEOUT
+        assert result.status == "succeeded" and result.predictions[0].text
+        assert sqlite_store.get(result.record_id or 0) is not None
+    finally:
+        gateway.stop(timeout=10)
+        proxy.stop()
+        with contextlib.suppress(Exception):  # its connection died with the restart
+            held.close()
+
+
+class BrokerControl:
+    """RabbitMQ itself, through `rabbitmqctl` (this needs the broker on this machine): its own
+    settings (the `rabbit` application's environment), changed at run time for one test and put
+    back after it (channels opened after a change see it), and a restart."""
 
     def __init__(self, ctl: str) -> None:
         self.ctl = ctl
         self.saved: dict[str, str] = {}
+        self.stopped = False
+
+    def _ctl(self, *args: str) -> str:
+        done = subprocess.run([self.ctl, *args], capture_output=True, text=True, timeout=60, check=True)
+        return done.stdout.strip()
 
     def _eval(self, expression: str) -> str:
-        done = subprocess.run([self.ctl, "eval", expression], capture_output=True, text=True, timeout=60, check=True)
-        return done.stdout.strip()
+        return self._ctl("eval", expression)
+
+    def restart(self) -> None:
+        """Stop and start the broker's application (the Erlang node stays up): every connection
+        and every transient queue is gone, durable queues keep their persistent messages, as
+        after a restart of the server. Returns once it accepts connections again."""
+        self.stopped = True
+        self._ctl("stop_app")
+        self.start()
+
+    def start(self) -> None:
+        self._ctl("start_app")
+        self._ctl("await_startup")
+        self.stopped = False
 
     def set(self, name: str, value: int) -> None:
         if name not in self.saved:
@@ -868,22 +967,24 @@ class BrokerSettings:
 
 
 @pytest.fixture
-def broker_settings(broker: str) -> Iterator[BrokerSettings]:
+def broker_control(broker: str) -> Iterator[BrokerControl]:
     import shutil
 
     ctl = shutil.which("rabbitmqctl")
     if ctl is None:
-        service_missing("rabbitmqctl", "the test changes the broker's settings through it")
+        service_missing("rabbitmqctl", "the test changes or restarts the broker through it")
     assert ctl is not None
-    settings = BrokerSettings(ctl)
+    control = BrokerControl(ctl)
     try:
-        yield settings
+        yield control
     finally:
-        settings.restore()
+        if control.stopped:  # a restart that failed half-way: the tests after this one need it
+            control.start()
+        control.restore()
 
 
 def test_an_image_over_the_brokers_message_size_is_a_413_at_once_and_everyone_else_goes_on(
-    broker_settings: BrokerSettings,
+    broker_control: BrokerControl,
     broker: str,
     topology: Topology,
     start_consumer: Callable[..., QueueConsumer],
@@ -898,7 +999,7 @@ def test_an_image_over_the_brokers_message_size_is_a_413_at_once_and_everyone_el
     from blip2_service.gateway import QueueGateway
 
     # 1 MiB stands in for a RabbitMQ 4.x's default of 16 MiB (and a 2 MiB image for a 20 MiB one).
-    broker_settings.set("max_message_size", 1 << 20)
+    broker_control.set("max_message_size", 1 << 20)
     big = image_bytes(1, size=(700, 700), fmt="PNG")
     assert len(big) > 1 << 20
     start_consumer(sqlite_store)

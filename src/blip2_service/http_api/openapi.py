@@ -34,7 +34,8 @@ _MEANING = {
     413: "a body, file, download or pixel count over MAX_FILE_SIZE / MAX_IMAGE_PIXELS",
     415: "not a supported image, or an unsupported Content-Type",
     422: "an image that cannot be decoded (stored as failed)",
-    502: "the URL could not be fetched",
+    502: "the URL could not be fetched; behind a gateway (INFERENCE=queue) also: a worker's reply could not be "
+    "read (a worker of another version)",
     503: "the model failed, is still loading after LOAD_WAIT_SECONDS, the store is down, or the service is "
     "overloaded (MAX_PENDING, MAX_CONNECTIONS); behind a gateway (INFERENCE=queue) also: the broker is out "
     "of reach, no worker consumes, or none answered within GATEWAY_TIMEOUT; Retry-After says when to try again",
@@ -73,7 +74,7 @@ _PATH = {"type": "string", "minLength": 1, "maxLength": MAX_PATH_CHARS, "pattern
 _TIME = {"type": "string", "anyOf": [{"format": "date-time"}, {"maxLength": 0}]}
 
 _GET_ERRORS = (400, 401, 403, 404, 413, 415, 422, 502, 503)
-_POST_ERRORS = (400, 401, 408, 413, 415, 422, 503)
+_POST_ERRORS = (400, 401, 408, 413, 415, 422, 502, 503)
 
 
 def _analysis_links() -> dict[str, Any]:
