@@ -58,7 +58,7 @@ _PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
 
 @dataclass(slots=True)
 class _Outcome:
-    kind: str  # "ok" | "failed" | "retry" | "bug"
+    kind: str  # "ok" | "failed" | "retry" | "bug" | "expired"
     result: CaptionResult | None = None
     error: str | None = None
 
@@ -106,7 +106,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         self.backoff = backoff
         self.state = "connecting"
         self.last_error: str | None = None
-        self.counts = {"succeeded": 0, "failed": 0, "retried": 0, "reconnects": 0}
+        self.counts = {"succeeded": 0, "failed": 0, "retried": 0, "expired": 0, "reconnects": 0}
         self._gen = 0
         self._held: dict[int, _Held] = {}
         self._done: queue.Queue[tuple[_Held, _Outcome]] = queue.Queue()
@@ -343,6 +343,11 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         """I/O thread: get the bytes, submit, and report back through `_done`."""
         request = held.request
         assert request is not None
+        if request.deadline is not None and time.time() > request.deadline:
+            # Its gateway has answered 503 and the client retries on its own: captioning it now
+            # would only make the requests queued behind it late as well.
+            self._done.put((held, _Outcome("expired")))
+            return
         try:
             data = self._load(request)
             caption_request = CaptionRequest(
@@ -411,6 +416,14 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
             self.metrics.queue_messages.labels("retried").inc()
             log.warning("queue message will be retried in %.1fs (attempt %d): %s", delay, held.attempt, outcome.error)
             heapq.heappush(self._retries, (time.monotonic() + delay, next(self._seq), held))
+            return
+        if outcome.kind == "expired":
+            # Not captioned, not stored, not announced: nothing was done, and no one waits.
+            message.ack()
+            self._held.pop(id(held), None)
+            self.counts["expired"] += 1
+            self.metrics.queue_messages.labels("expired").inc()
+            log.info("queue: dropped a gateway's request past its deadline (its client had a 503)")
             return
         if outcome.kind == "bug" and not message.delivery_info.get("redelivered"):
             # A model or code failure: give it one more chance elsewhere before dead-lettering.

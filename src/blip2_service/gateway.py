@@ -146,6 +146,10 @@ class QueueGateway:
             "num_captions": settings.num_captions,
             "store": request.store,
             "refresh": request.refresh,
+            # When this gateway answers 503 instead: a worker that takes the request after it
+            # (a backlog behind a slow or restarted worker) drops it rather than spend the GPU on
+            # an answer no one waits for while the requests behind it time out in turn.
+            "deadline": time.time() + self.timeout,
         }
         if settings.prompt:
             body["prompt"] = settings.prompt

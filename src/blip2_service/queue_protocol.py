@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,9 @@ class QueueRequest:
     store: bool = True
     refresh: bool = False
     source_ref: str | None = None
+    # Unix time (s) after which no one waits for the answer: the gateway's client has had its
+    # 503. A worker that takes the request later drops it instead of captioning it.
+    deadline: float | None = None
 
     def echo(self) -> dict[str, Any]:
         """The request as echoed in results: its id and input (embedded bytes summarised)."""
@@ -68,8 +72,21 @@ def parse_request(body: bytes | str) -> QueueRequest:
     ref = data.get("source_ref")
     if ref is not None and (not isinstance(ref, str) or not 0 < len(ref) <= 4096):
         raise BadInput("source_ref must be a string of 1 to 4096 characters")
+    deadline = data.get("deadline")
+    if deadline is not None and (
+        not isinstance(deadline, int | float) or isinstance(deadline, bool) or not math.isfinite(deadline)
+    ):
+        raise BadInput("deadline must be a number: Unix time in seconds")
     return QueueRequest(
-        kind, value, data.get("id"), check_prompt(data.get("prompt")), num, flags["store"], flags["refresh"], ref
+        kind,
+        value,
+        data.get("id"),
+        check_prompt(data.get("prompt")),
+        num,
+        flags["store"],
+        flags["refresh"],
+        ref,
+        None if deadline is None else float(deadline),
     )
 
 

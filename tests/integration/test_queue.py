@@ -855,6 +855,44 @@ def test_a_reply_the_gateway_cannot_read_is_a_502_at_once_and_the_next_one_is_an
         worker.close()
 
 
+def test_a_worker_drops_a_gateway_request_whose_client_already_had_its_503(
+    broker: str,
+    topology: Topology,
+    start_consumer: Callable[..., QueueConsumer],
+    sqlite_store: CaptionRepository,
+) -> None:
+    """Requests wait in the queue behind a stalled worker; each client has its 503 after
+    GATEWAY_TIMEOUT. When a worker comes back it captioned that backlog first, spending the GPU on
+    answers no one waited for while the requests behind them timed out in turn. The gateway now
+    stamps a deadline, and a worker that takes a request past it acks it without captioning."""
+    from blip2_service.gateway import QueueGateway
+
+    gateway = QueueGateway(broker, topology, timeout=1.0, backoff=Backoff(0.1, 0.4))
+    stalled = _HeldWorker(broker, topology)
+    gateway.start()
+    try:
+        wait_until(lambda: gateway.health()["workers"] == 1, 30, "the gateway to see the worker")
+        late = [gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(50 + n), FAST)) for n in range(3)]
+        stalled.take(3)
+        for answer in late:
+            with pytest.raises(ModelNotReady, match="GATEWAY_TIMEOUT"):
+                answer.result(timeout=20)
+        stalled.close()  # the worker died: its requests go back to the queue, past their deadline
+        worker = start_consumer(sqlite_store)
+        handled = ("expired", "succeeded", "failed")
+        wait_until(lambda: sum(worker.counts.get(k, 0) for k in handled) == 3, 60, "the worker to take all three")
+        assert worker.counts.get("expired") == 3, worker.counts
+        assert _queue_depth(broker, topology.interactive_name) == 0
+        assert _queue_depth(broker, topology.dead_name) == 0  # dropped, not failed
+        assert sqlite_store.count() == 0 and worker.counts["succeeded"] == 0
+        gateway.timeout = 60  # a client that can wait: captioned as before
+        fresh = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(59), FAST))
+        assert fresh.result(timeout=60).status == "succeeded"
+        assert sqlite_store.count() == 1
+    finally:
+        gateway.stop(timeout=10)
+
+
 def test_a_request_whose_publish_met_a_dropped_connection_is_sent_on_the_next_one(
     broker: str, topology: Topology
 ) -> None:
