@@ -173,15 +173,38 @@ class GilSampler:
                 self.error = (output.strip().splitlines() or ["py-spy failed"])[-1][:200]
         if self.error is not None:
             return {"gil_error": self.error}
-        groups: dict[str, int] = {}
-        for line in self.out.read_text(errors="replace").splitlines():
-            stack, _, count = line.rpartition(" ")
-            head = stack.split(";", 1)[0]
-            name = head.split(": ", 1)[1] if ": " in head else head
-            group = re.sub(r"_\d+$", "", name.strip()) or "?"
-            groups[group] = groups.get(group, 0) + int(count)
+        groups, unread = gil_samples_by_thread(self.out.read_text(errors="replace"))
         per_image = {k: round(1000 * v / self.RATE / max(images, 1), 3) for k, v in sorted(groups.items())}
-        return {"gil_ms_per_image": per_image, "gil_ms_per_image_total": round(sum(per_image.values()), 3)}
+        out: dict[str, Any] = {
+            "gil_ms_per_image": per_image,
+            "gil_ms_per_image_total": round(sum(per_image.values()), 3),
+        }
+        if unread:
+            out["gil_unread_records"] = unread
+        return out
+
+
+def gil_samples_by_thread(raw: str) -> tuple[dict[str, int], int]:
+    """py-spy's `--threads -f raw` output as samples per group of threads (a pool's threads
+    together: `decode_0`, `decode_1` -> `decode`), and how many records could not be read.
+
+    One record per stack, `thread (TID): NAME;frame;frame... COUNT`, but a frame's name may run
+    over several lines: SQLAlchemy's compiled statements show up as frames named by their SQL
+    text. Reading line by line took the SQL's second line for a record and failed on it, which
+    lost the whole row of the GPU run (seen on the CPU rehearsal, 2026-12-01). Records are cut
+    where a line begins with `thread (` instead."""
+    groups: dict[str, int] = {}
+    unread = 0
+    for record in re.split(r"\n(?=thread \()", raw.strip()):
+        stack, _, count = record.rpartition(" ")
+        if not record.startswith("thread (") or not count.isdigit():
+            unread += 1 if record.strip() else 0
+            continue
+        head = stack.split(";", 1)[0]
+        name = head.split(": ", 1)[1] if ": " in head else head
+        group = re.sub(r"_\d+$", "", name.strip()) or "?"
+        groups[group] = groups.get(group, 0) + int(count)
+    return groups, unread
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -312,7 +335,12 @@ def run_server(args: argparse.Namespace, beams: int, images: Images, sampler: Gp
         sampler.recording = False
         cpu_ms = 1000 * (_cpu_seconds(proc.pid) - cpu_before) / max(done, 1)
         after = asyncio.run(_stages(url))
-        host = {"server_cpu_ms_per_image": round(cpu_ms, 2), **(gil.summary(done) if gil else {})}
+        host: dict[str, Any] = {"server_cpu_ms_per_image": round(cpu_ms, 2)}
+        if gil is not None:
+            try:  # a secondary figure: whatever goes wrong reading it must not lose the row
+                host.update(gil.summary(done))
+            except Exception as exc:
+                host["gil_error"] = f"{type(exc).__name__}: {exc}"[:200]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
