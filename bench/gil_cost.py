@@ -209,10 +209,16 @@ def measure(name: str, seconds: float, pyspy: str, size: str) -> tuple[float, fl
     report = json.loads(next(ln for ln in reversed(done.stdout.splitlines()) if ln.startswith("{")))
     marker = "run_forever" if name == "http" else "_stage_loop"
     samples = 0
+    record = ""
     for line in out.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
+        # A frame named by SQL text runs over lines: a record ends at the line that ends in its count.
+        record = f"{record}\n{line}" if record else line
+        stack, _, count = record.rpartition(" ")
+        if not count.isdigit():
+            continue
         if marker in stack:
             samples += int(count)
+        record = ""
     calls = max(int(report["calls"]), 1)
     return 1000 * samples / RATE / calls, 1000 * seconds / calls
 
