@@ -40,6 +40,11 @@ from .retry import WORK, Backoff
 
 log = logging.getLogger(__name__)
 
+# After this gateway (re)connects, how long a count of no workers is not yet "no worker": after a
+# broker restart the workers reconnect on their own backoff (their first retry after 1 s), and
+# until they do, requests wait for them in the queue instead of a 503 naming a missing worker.
+WORKER_RECONNECT_GRACE = 5.0
+
 
 class WorkerReplyUnreadable(CaptionError):
     """A worker answered with a body this gateway cannot read: a 502 (Bad Gateway), for what it is."""
@@ -90,6 +95,7 @@ class QueueGateway:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._connected_at = 0.0
         self._thread = threading.Thread(target=self._run, name="gateway", daemon=True)
         self.workers = 0
         self.state = "connecting"
@@ -163,7 +169,11 @@ class QueueGateway:
                 f"The gateway cannot reach the broker ({self.last_error}); retry shortly",
                 retry_after=max(1.0, min(self.timeout, 5.0)),
             )
-        if self.workers == 0 and self._ready.is_set():
+        if (
+            self.workers == 0
+            and self._ready.is_set()
+            and time.monotonic() - self._connected_at > WORKER_RECONNECT_GRACE
+        ):
             raise ModelNotReady(
                 f"No worker is consuming {self.topology.interactive_name}; start `blip2-service consume` on a GPU host",
                 retry_after=10,
@@ -230,6 +240,7 @@ class QueueGateway:
             )
             consumer.consume()
             self.state = "connected"
+            self._connected_at = time.monotonic()
             next_count = next_expiry = 0.0
             while not self._stop.is_set():
                 now = time.monotonic()

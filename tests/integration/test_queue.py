@@ -960,6 +960,46 @@ def test_a_request_in_flight_through_the_gateway_is_answered_after_a_broker_rest
             held.close()
 
 
+def test_after_a_broker_restart_the_gateway_takes_requests_before_the_workers_are_back(
+    broker_control: BrokerControl, broker: str, topology: Topology
+) -> None:
+    """Once the broker is back the gateway reconnects and counts the consumers before the workers
+    have reconnected (each on its own backoff): every request in that second or two was refused
+    at once, "No worker is consuming ...; start `blip2-service consume`", with Retry-After 10,
+    though the workers were a moment away. Now a request then waits for them in the queue; a
+    count of no workers past the grace is still a 503 at once."""
+    from blip2_service.gateway import WORKER_RECONNECT_GRACE, QueueGateway
+
+    gateway = QueueGateway(broker, topology, timeout=60, backoff=Backoff(0.1, 0.4))
+    gateway.start()
+    worker: _HeldWorker | None = None
+    try:
+        wait_until(lambda: gateway._ready.is_set(), 30, "the gateway to count the workers")
+        broker_control.restart()
+        wait_until(lambda: gateway.reconnects >= 1 and gateway.state == "connected", 30, "the gateway to reconnect")
+        assert gateway.workers == 0
+        answer = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(60), FAST))
+        worker = _HeldWorker(broker, topology)  # the worker, reconnected
+        worker.take(1)
+        worker.answer("after the restart")
+        assert answer.result(timeout=20).predictions[0].text == "after the restart"
+        worker.close()
+        worker = None
+
+        def refused() -> bool:
+            try:
+                gateway.ensure_ready()
+            except ModelNotReady as exc:
+                return "No worker is consuming" in exc.message
+            return False
+
+        wait_until(refused, WORKER_RECONNECT_GRACE + 10, "no worker to be a 503 again")
+    finally:
+        gateway.stop(timeout=10)
+        if worker is not None:
+            worker.close()
+
+
 class BrokerControl:
     """RabbitMQ itself, through `rabbitmqctl` (this needs the broker on this machine): its own
     settings (the `rabbit` application's environment), changed at run time for one test and put
