@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import socket
 import sys
@@ -97,6 +96,93 @@ class QueuePublisher:
             self._producer = None
 
 
+class ReplyCollector:
+    """`publish --wait`'s side of the RPC: one reply queue, read until every expected reply came
+    or the deadline passed, across broker restarts.
+
+    The queue was exclusive, so a broker restart (or a dropped connection) deleted it with every
+    reply in it, and the lost connection raised out of the wait: a traceback, and not one result
+    printed, not even those already received. It is durable now and outlives its connection by
+    the wait's timeout + 60 s (replies sent meanwhile wait in it); a lost connection is
+    reconnected on the one backoff until the deadline; the end deletes the queue.
+    """
+
+    def __init__(self, broker_url: str, timeout: float, *, backoff: Backoff = PUBLISH) -> None:
+        self.queue = Queue(
+            f"blip2.reply.{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
+            durable=True,
+            auto_delete=False,
+            expires=timeout + 60,
+        )
+        self.results: dict[str, dict[str, Any]] = {}
+        self._wanted: set[str] = set()
+        self.backoff = backoff
+        self._connection = connect(broker_url)
+        self._errors = broker_errors(self._connection)
+        self._consuming = False
+
+    def start(self) -> None:
+        """Declare the queue and consume it, before anything is published that replies to it."""
+        self._consume()
+
+    def _consume(self) -> None:
+        if not self._consuming:
+            self._connection.ensure_connection(max_retries=0)
+            Consumer(
+                self._connection.channel(),
+                queues=[self.queue],
+                callbacks=[self._on_reply],
+                on_decode_error=self._on_undecodable,
+                accept=["json"],
+            ).consume()
+            self._consuming = True
+
+    def expect(self, correlation: str) -> None:
+        """A request sent with this correlation id: its reply is kept (any other is dropped)."""
+        self._wanted.add(correlation)
+
+    def _on_reply(self, body: Any, message: Any) -> None:
+        unreadable = {"status": "error", "error": {"message": "the worker's reply is not a JSON object"}}
+        self._keep(message, body if isinstance(body, dict) else unreadable)
+
+    def _on_undecodable(self, message: Any, error: Exception) -> None:
+        self._keep(message, {"status": "error", "error": {"message": f"the worker's reply could not be read: {error}"}})
+
+    def _keep(self, message: Any, body: dict[str, Any]) -> None:
+        correlation = message.properties.get("correlation_id") or ""
+        if correlation in self._wanted:
+            self.results.setdefault(correlation, body)  # a redelivered request's second reply: the first stands
+        message.ack()
+
+    def wait(self, deadline: float, progress: Any = None) -> None:
+        """Until every expected reply came or the monotonic `deadline` passed."""
+        attempt = 0
+        while len(self.results) < len(self._wanted) and (left := deadline - time.monotonic()) > 0:
+            try:
+                self._consume()
+                with contextlib.suppress(TimeoutError, socket.timeout):
+                    self._connection.drain_events(timeout=min(0.5, left))
+                attempt = 0
+            except self._errors as exc:
+                self._consuming = False
+                with contextlib.suppress(Exception):
+                    self._connection.collect()  # its channel is dead; the next attempt opens a fresh one
+                attempt += 1
+                delay = min(self.backoff.delay(attempt), max(0.0, deadline - time.monotonic()))
+                log.warning("waiting for results: lost the broker (%s); reconnecting in %.1fs", exc, delay)
+                time.sleep(delay)
+            if progress is not None:
+                progress(len(self.results))
+
+    def close(self) -> None:
+        """Delete the queue (no one waits on it now) and let go of the connection; best effort."""
+        with contextlib.suppress(Exception):
+            if self._consuming:
+                self.queue(self._connection.channel()).delete()
+        with contextlib.suppress(Exception):
+            self._connection.release()
+
+
 def publish_paths(
     settings: Settings,
     files: list[Path],
@@ -112,25 +198,12 @@ def publish_paths(
     wait_for_broker(settings.broker_url, settings.startup_timeout)  # as serve and consume do
     topology = Topology(settings.queue_name, settings.results_exchange)
     publisher = QueuePublisher(settings.broker_url, topology)
-    reply_queue: Queue | None = None
-    results: dict[str, dict[str, Any]] = {}
     expected: dict[str, Path] = {}
-    connection = connect(settings.broker_url) if wait else None
-    consumer: Consumer | None = None
-    if connection is not None:
-        reply_queue = Queue(
-            f"blip2.reply.{socket.gethostname()}.{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True
-        )
-
-        def on_reply(body: Any, message: Any) -> None:
-            correlation = message.properties.get("correlation_id")
-            results[correlation] = body if isinstance(body, dict) else json.loads(body)
-            message.ack()
-
-        consumer = Consumer(connection.channel(), queues=[reply_queue], callbacks=[on_reply], accept=["json"])
-        consumer.consume()
+    replies = ReplyCollector(settings.broker_url, timeout) if wait else None
     failures = 0
     try:
+        if replies is not None:
+            replies.start()
         with tqdm(total=len(files), unit="img", desc="published", file=sys.stderr, disable=None) as bar:
             for path in files:
                 request: dict[str, Any] = {"id": str(path)}
@@ -143,7 +216,7 @@ def publish_paths(
                 correlation = uuid.uuid4().hex
                 try:
                     publisher.publish(
-                        request, reply_to=reply_queue.name if reply_queue else None, correlation_id=correlation
+                        request, reply_to=replies.queue.name if replies else None, correlation_id=correlation
                     )
                 except TooLarge as exc:  # this file only: say so in the results' shape, send the rest
                     failures += 1
@@ -151,17 +224,16 @@ def publish_paths(
                     print(json_text(refused), flush=True)
                 else:
                     expected[correlation] = path
+                    if replies is not None:
+                        replies.expect(correlation)
                 bar.update()
-        if connection is None:
+        if replies is None:
             return 1 if failures else 0
         deadline = time.monotonic() + timeout
-        with tqdm(total=len(files), unit="img", desc="results", file=sys.stderr, disable=None) as bar:
-            while len(results) < len(expected) and time.monotonic() < deadline:
-                with contextlib.suppress(TimeoutError):
-                    connection.drain_events(timeout=0.5)
-                bar.update(len(results) - bar.n)
+        with tqdm(total=len(expected), unit="img", desc="results", file=sys.stderr, disable=None) as bar:
+            replies.wait(deadline, progress=lambda n: bar.update(n - bar.n))
         for correlation, path in expected.items():
-            body = results.get(correlation)
+            body = replies.results.get(correlation)
             if body is None:
                 failures += 1
                 print(json_text({"path": str(path), "status": "timeout"}), flush=True)
@@ -170,8 +242,6 @@ def publish_paths(
             print(json_text({"path": str(path), **body}), flush=True)
         return 1 if failures else 0
     finally:
-        if consumer is not None:
-            consumer.cancel()
-        if connection is not None:
-            connection.release()
+        if replies is not None:
+            replies.close()
         publisher.close()

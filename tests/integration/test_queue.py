@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -748,15 +749,17 @@ def test_the_gateway_reconnects_when_the_broker_returns_and_a_stop_while_it_is_g
 
 
 class _HeldWorker:
-    """A worker that takes the gateway's requests and answers each only when the test says (the
-    protocol, not the model): the test decides when, and what, a request is answered."""
+    """A worker that takes the gateway's requests (or, `bulk`, the queue's) and answers each only
+    when the test says (the protocol, not the model): the test decides when, and what, a request
+    is answered."""
 
-    def __init__(self, url: str, topology: Topology) -> None:
+    def __init__(self, url: str, topology: Topology, *, bulk: bool = False) -> None:
         self.connection = Connection(url)
         channel = self.connection.channel()
         topology.declare(channel)
         self.held: list[Any] = []
-        Consumer(channel, queues=[topology.interactive_queue], callbacks=[lambda _b, m: self.held.append(m)]).consume()
+        queue = topology.request_queue if bulk else topology.interactive_queue
+        Consumer(channel, queues=[queue], callbacks=[lambda _b, m: self.held.append(m)]).consume()
 
     def take(self, n: int, timeout: float = 30) -> list[Any]:
         """Wait until `n` requests are held."""
@@ -997,6 +1000,54 @@ def test_after_a_broker_restart_the_gateway_takes_requests_before_the_workers_ar
     finally:
         gateway.stop(timeout=10)
         if worker is not None:
+            worker.close()
+
+
+def test_publish_wait_prints_every_result_through_a_broker_restart(
+    broker_control: BrokerControl,
+    broker: str,
+    topology: Topology,
+    settings_factory: Callable[..., Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`publish --wait` read its replies from an exclusive queue: a broker restart while it waited
+    deleted the queue (and the replies in it), and the lost connection raised out of the wait: a
+    traceback, and not one result printed, not even those already in."""
+    from blip2_service.publisher import publish_paths
+
+    files = []
+    for n in range(2):
+        files.append(tmp_path / f"{n}.jpg")
+        files[-1].write_bytes(image_bytes(70 + n))
+    settings = settings_factory(
+        broker_url=broker, queue_name=topology.queue_name, results_exchange=topology.results_exchange_name
+    )
+    outcome: list[Any] = []
+
+    def publish() -> None:
+        try:
+            outcome.append(publish_paths(settings, files, embed=True, wait=True, prompt=None, timeout=60))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = _HeldWorker(broker, topology, bulk=True)
+    thread = threading.Thread(target=publish)
+    thread.start()
+    try:
+        worker.take(2)  # both published, and held by a worker when the broker goes down
+        broker_control.restart()
+        worker = _HeldWorker(broker, topology, bulk=True)  # the worker, reconnected: both again
+        worker.take(2)
+        worker.answer("through the restart")
+        thread.join(60)
+        assert outcome == [0]
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert sorted(line["path"] for line in lines) == sorted(str(f) for f in files)
+        assert all(line["predictions"][0]["text"] == "through the restart" for line in lines)
+    finally:
+        thread.join(60)
+        with contextlib.suppress(Exception):
             worker.close()
 
 
