@@ -889,6 +889,7 @@ def test_a_worker_drops_a_gateway_request_whose_client_already_had_its_503(
         assert _queue_depth(broker, topology.dead_name) == 0  # dropped, not failed
         assert sqlite_store.count() == 0 and worker.counts["succeeded"] == 0
         gateway.timeout = 60  # a client that can wait: captioned as before
+        wait_until(lambda: gateway.health()["workers"] == 1, 30, "the gateway to count the new worker")
         fresh = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(59), FAST))
         assert fresh.result(timeout=60).status == "succeeded"
         assert sqlite_store.count() == 1
