@@ -48,6 +48,9 @@ class Settings(BaseSettings):
 
     # HTTP
     port: int = Field(7777, ge=1, le=65535)
+    # `consume` and `watch` serve no API: with this set they answer /health and /metrics on it,
+    # so a fleet of workers can be probed and scraped like the HTTP service (0: off).
+    health_port: int = Field(0, ge=0, le=65535)
     private: bool = False
     api_key: str = ""
     # No CORS headers by default, as the legacy service: any web page could otherwise read

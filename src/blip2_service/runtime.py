@@ -25,7 +25,7 @@ from .captioner.static_decode import make_decoder
 from .config import ConfigError, Settings
 from .emoji import build_mapper
 from .fetching import UrlFetcher
-from .http_api.app import make_app
+from .http_api.app import make_app, make_probe_app
 from .http_api.capped_site import CappedSite, connection_ceiling, raise_open_file_limit
 from .http_api.context import HttpContext
 from .metrics import Metrics
@@ -92,6 +92,7 @@ class Runtime:
             metrics=self.metrics,
         )
         self.adapters: list[Any] = []
+        self.serving_api = False  # `serve` listening; `consume` / `watch` answer only /health (HEALTH_PORT)
         self.gateway: Any = None  # QueueGateway in INFERENCE=queue
         self._closables: list[Callable[[], None]] = []
         self._started = False
@@ -148,7 +149,7 @@ class Runtime:
         self.engine.dispose()
 
     def health_extras(self) -> dict[str, Any]:
-        sources: dict[str, Any] = {"http": {"state": "running"}}
+        sources: dict[str, Any] = {"http": {"state": "running"}} if self.serving_api else {}
         if self.gateway is not None:
             sources["gateway"] = self.gateway.health()
         for adapter in self.adapters:
@@ -266,12 +267,53 @@ class Runtime:
         threading.Thread(target=run, name="adapter-starter", daemon=True).start()
 
     def run_headless(self, *, watch: bool, consume: bool) -> int:
-        """`watch` / `consume` commands: adapters without HTTP, until SIGINT/SIGTERM, then drain."""
+        """`watch` / `consume` commands: adapters without the API (only /health and /metrics with
+        HEALTH_PORT), until SIGINT/SIGTERM, then drain."""
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda _s, _f: stop.set())
         # A publishing watcher only feeds the queue: it needs no model.
         needs_model = consume or self.settings.watch_mode == "caption"
+        # Up before the model loads: a probe sees "loading", then "warming", then "loaded".
+        stop_probe = self._start_probe(model_used=needs_model)
+        try:
+            return self._run_headless(stop, watch=watch, consume=consume, needs_model=needs_model)
+        finally:
+            if stop_probe is not None:
+                stop_probe()
+
+    def _start_probe(self, *, model_used: bool) -> Callable[[], None] | None:
+        """Serve /health and /metrics on HEALTH_PORT from a thread of its own; returns how to stop."""
+        port = self.settings.health_port
+        if not port:
+            return None
+        context = self.http_context()
+        context.model_used = model_used
+        loop = asyncio.new_event_loop()
+        runner = web.AppRunner(make_probe_app(context), access_log=None)
+        loop.run_until_complete(runner.setup())
+        try:
+            loop.run_until_complete(web.TCPSite(runner, self.settings.host, port).start())
+        except OSError as exc:
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+            raise ConfigError(
+                f"cannot listen on {self.settings.host}:{port} for /health: {exc.strerror or exc} "
+                "(another service on that port? set HEALTH_PORT)"
+            ) from None
+        thread = threading.Thread(target=loop.run_forever, name="health", daemon=True)
+        thread.start()
+        log.info("health and metrics on http://%s:%d/health and /metrics", self.settings.host, port)
+
+        def stop() -> None:
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            loop.close()
+
+        return stop
+
+    def _run_headless(self, stop: threading.Event, *, watch: bool, consume: bool, needs_model: bool) -> int:
         # Loaded in the background, so a SIGTERM during a long load or warm-up is heard at once.
         self.start(load_model=needs_model)
         if needs_model and not self.holder.wait_unless(stop):
@@ -351,6 +393,7 @@ class Runtime:
                 f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror or exc} "
                 "(another service on that port? set PORT)"
             ) from None
+        self.serving_api = True
         log.info("listening on %s (at most %d connections)", site.name, site.limit)
         self._start_adapters_when_ready(watch=watch, consume=consume, stop=halt)
         await stop.wait()

@@ -134,6 +134,9 @@ async def health(request: web.Request) -> web.Response:
         workers = ctx.gateway.workers
         healthy = workers > 0 and ctx.gateway.state == "connected" and store_problem is None
         model_status = "gateway"
+    elif not ctx.model_used:  # a publishing watcher (HEALTH_PORT): the workers caption its files
+        healthy = store_problem is None
+        model_status = "none"
     else:
         healthy = holder.status == "loaded" and store_problem is None
         model_status = holder.status
@@ -193,6 +196,16 @@ async def index(request: web.Request) -> web.Response:
     return web.Response(text=html, content_type="text/html", charset="utf-8")
 
 
+def make_probe_app(ctx: HttpContext) -> web.Application:
+    """`/health` and `/metrics` alone, for `consume` and `watch` (HEALTH_PORT): the same answers
+    as the API's, so one probe and one scrape configuration fit every process of a deployment."""
+    app = web.Application(middlewares=[errors_middleware])
+    app[CONTEXT] = ctx
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
 def make_app(ctx: HttpContext) -> web.Application:
     middlewares: list[Any] = [errors_middleware, cors_middleware(ctx.settings.cors_origins), metrics_middleware(ctx)]
     if ctx.settings.api_key:
@@ -214,4 +227,4 @@ def make_app(ctx: HttpContext) -> web.Application:
     return app
 
 
-__all__ = ["make_app"]
+__all__ = ["make_app", "make_probe_app"]

@@ -33,6 +33,7 @@ class HttpContext:
     device_hint: str = "cpu"  # the device DEVICE resolves to, shown before the model is loaded
     gateway: QueueGateway | None = None  # INFERENCE=queue: captions come from workers through the queue
     broker_problem: Callable[[], str | None] = field(default=lambda: None)  # why the broker is down, if it is
+    model_used: bool = True  # False in a publishing watcher: its images are captioned by the workers
 
 
 CONTEXT = web.AppKey("blip2_context", HttpContext)
