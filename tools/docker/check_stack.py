@@ -94,6 +94,18 @@ def main() -> int:
     )
     say(f"stack healthy: {health().get('workers')} workers")
 
+    # The workers and the watcher answer /health on HEALTH_PORT, so the image's HEALTHCHECK covers
+    # them too (they had none: a worker stuck loading looked the same as a working one).
+    def docker_health(container: str) -> str:
+        done = subprocess.run(
+            [args.docker, "inspect", "-f", "{{.State.Health.Status}}", container], capture_output=True, text=True
+        )
+        return done.stdout.strip()
+
+    probed = [f"{args.project}_worker_1", f"{args.project}_worker_2", f"{args.project}_watcher_1"]
+    wait(lambda: all(docker_health(c) == "healthy" for c in probed), 180, "Docker to see workers and watcher healthy")
+    say(f"Docker reports {', '.join(probed)} healthy (HEALTH_PORT)")
+
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(post, (jpeg(100 + i) for i in range(20))))
     bad = [body for status, body in answers if status != 200 or body.get("status") != "success"]
