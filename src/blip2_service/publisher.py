@@ -122,8 +122,15 @@ class ReplyCollector:
         self._consuming = False
 
     def start(self) -> None:
-        """Declare the queue and consume it, before anything is published that replies to it."""
-        self._consume()
+        """Declare the queue and consume it, before anything is published that replies to it;
+        BrokerUnavailable (one line) if the broker went away since `wait_for_broker`."""
+        try:
+            self._consume()
+        except self._errors as exc:
+            raise BrokerUnavailable(
+                f"cannot reach the broker at {self._connection.as_uri()} to wait for results: {exc}; "
+                "check BROKER_URL and that RabbitMQ is up"
+            ) from None
 
     def _consume(self) -> None:
         if not self._consuming:

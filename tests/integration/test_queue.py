@@ -1052,6 +1052,17 @@ def test_publish_wait_prints_every_result_through_a_broker_restart(
             worker.close()
 
 
+def test_publish_wait_without_a_broker_to_wait_on_is_one_line() -> None:
+    """The broker went away between the start-up check and the reply queue's declaration."""
+    from blip2_service.amqp_topology import BrokerUnavailable
+    from blip2_service.publisher import ReplyCollector
+
+    replies = ReplyCollector("amqp://guest:guest@127.0.0.1:1//", timeout=5)
+    with pytest.raises(BrokerUnavailable, match="cannot reach the broker at .* to wait for results"):
+        replies.start()
+    replies.close()
+
+
 class BrokerControl:
     """RabbitMQ itself, through `rabbitmqctl` (this needs the broker on this machine): its own
     settings (the `rabbit` application's environment), changed at run time for one test and put
