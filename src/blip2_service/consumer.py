@@ -107,6 +107,7 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         self.state = "connecting"
         self.last_error: str | None = None
         self.counts = {"succeeded": 0, "failed": 0, "retried": 0, "expired": 0, "reconnects": 0}
+        self._expired_logged = -1e9  # monotonic time of the last line about dropped requests
         self._gen = 0
         self._held: dict[int, _Held] = {}
         self._done: queue.Queue[tuple[_Held, _Outcome]] = queue.Queue()
@@ -343,10 +344,10 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
         """I/O thread: get the bytes, submit, and report back through `_done`."""
         request = held.request
         assert request is not None
-        if request.deadline is not None and time.time() > request.deadline:
+        if request.deadline is not None and (late := time.time() - request.deadline) > 0:
             # Its gateway has answered 503 and the client retries on its own: captioning it now
             # would only make the requests queued behind it late as well.
-            self._done.put((held, _Outcome("expired")))
+            self._done.put((held, _Outcome("expired", error=f"{late:.1f}s")))
             return
         try:
             data = self._load(request)
@@ -423,7 +424,16 @@ class QueueConsumer(ConsumerProducerMixin):  # type: ignore[misc]
             self._held.pop(id(held), None)
             self.counts["expired"] += 1
             self.metrics.queue_messages.labels("expired").inc()
-            log.info("queue: dropped a gateway's request past its deadline (its client had a 503)")
+            now = time.monotonic()
+            if now - self._expired_logged >= 10:  # one line per 10 s, however long the backlog
+                self._expired_logged = now
+                log.warning(
+                    "queue: dropped gateway requests past their deadline (%d so far, the last %s late; their "
+                    "clients had a 503). If nearly every request is dropped, check that this host's clock "
+                    "agrees with the gateway's (NTP)",
+                    self.counts["expired"],
+                    outcome.error,
+                )
             return
         if outcome.kind == "bug" and not message.delivery_info.get("redelivered"):
             # A model or code failure: give it one more chance elsewhere before dead-lettering.

@@ -863,6 +863,7 @@ def test_a_worker_drops_a_gateway_request_whose_client_already_had_its_503(
     topology: Topology,
     start_consumer: Callable[..., QueueConsumer],
     sqlite_store: CaptionRepository,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Requests wait in the queue behind a stalled worker; each client has its 503 after
     GATEWAY_TIMEOUT. When a worker comes back it captioned that backlog first, spending the GPU on
@@ -885,6 +886,9 @@ def test_a_worker_drops_a_gateway_request_whose_client_already_had_its_503(
         handled = ("expired", "succeeded", "failed")
         wait_until(lambda: sum(worker.counts.get(k, 0) for k in handled) == 3, 60, "the worker to take all three")
         assert worker.counts.get("expired") == 3, worker.counts
+        # Said, rate-limited, with the one cause that would drop every request: the clocks.
+        said = [r.getMessage() for r in caplog.records if "past their deadline" in r.getMessage()]
+        assert said and "check that this host's clock agrees with the gateway's" in said[0]
         assert _queue_depth(broker, topology.interactive_name) == 0
         assert _queue_depth(broker, topology.dead_name) == 0  # dropped, not failed
         assert sqlite_store.count() == 0 and worker.counts["succeeded"] == 0
@@ -1058,7 +1062,7 @@ def test_publish_wait_without_a_broker_to_wait_on_is_one_line() -> None:
     from blip2_service.publisher import ReplyCollector
 
     replies = ReplyCollector("amqp://guest:guest@127.0.0.1:1//", timeout=5)
-    with pytest.raises(BrokerUnavailable, match="cannot reach the broker at .* to wait for results"):
+    with pytest.raises(BrokerUnavailable, match=r"cannot reach the broker at .* to wait for results"):
         replies.start()
     replies.close()
 
