@@ -93,6 +93,7 @@ class Runtime:
         )
         self.adapters: list[Any] = []
         self.serving_api = False  # `serve` listening; `consume` / `watch` answer only /health (HEALTH_PORT)
+        self.expected_adapters: set[str] = set()  # `consume` / `watch`: what the process is for
         self.gateway: Any = None  # QueueGateway in INFERENCE=queue
         self._closables: list[Callable[[], None]] = []
         self._started = False
@@ -172,6 +173,17 @@ class Runtime:
             gateway=self.gateway,
             broker_problem=self.broker_problem,
         )
+
+    def adapter_problems(self) -> list[str]:
+        """The adapters not doing their work: not started yet (after the model loads they wait for
+        the broker), a watched folder gone, publishing failing. A started consumer's connection
+        is `broker_problem`'s."""
+        started = {a.name for a in self.adapters}
+        return sorted(self.expected_adapters - started) + [
+            a.name
+            for a in self.adapters
+            if a.name not in ("queue", "gateway") and a.health().get("state") not in ("running", "connected")
+        ]
 
     def broker_problem(self) -> str | None:
         """Why the broker is unusable now, where one is configured and in use; else None."""
@@ -274,6 +286,7 @@ class Runtime:
             signal.signal(sig, lambda _s, _f: stop.set())
         # A publishing watcher only feeds the queue: it needs no model.
         needs_model = consume or self.settings.watch_mode == "caption"
+        self.expected_adapters = {name for name, wanted in (("watch", watch), ("queue", consume)) if wanted}
         # Up before the model loads: a probe sees "loading", then "warming", then "loaded".
         stop_probe = self._start_probe(model_used=needs_model)
         try:
@@ -289,6 +302,7 @@ class Runtime:
             return None
         context = self.http_context()
         context.model_used = model_used
+        context.adapter_problems = self.adapter_problems
         loop = asyncio.new_event_loop()
         runner = web.AppRunner(make_probe_app(context), access_log=None)
         loop.run_until_complete(runner.setup())

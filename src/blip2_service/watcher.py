@@ -230,6 +230,7 @@ class FolderWatcher:
         self._inflight: set[Future[CaptionResult]] = set()
         self._inflight_lock = threading.Lock()
         self._retry_at: dict[Path, float] = {}
+        self._publish_failing = False  # publish mode: the last publish failed (the broker is away)
 
     @classmethod
     def from_settings(
@@ -332,9 +333,12 @@ class FolderWatcher:
             time.sleep(0.05)
 
     def health(self) -> dict[str, Any]:
+        """`degraded` while a watched folder is gone or (publish mode) publishing fails: files
+        are then not getting through, though the process runs."""
         missing = "missing" in self.stats.observers.values()
+        degraded = missing or self._publish_failing
         return {
-            "state": "stopped" if self._stop.is_set() else "degraded" if missing else "running",
+            "state": "stopped" if self._stop.is_set() else "degraded" if degraded else "running",
             "mode": self.mode,
             "folders": self.stats.observers,
             "pending": len(self.tracker),
@@ -444,7 +448,10 @@ class FolderWatcher:
             try:
                 self.publish({"path": str(path)})
             except Exception as exc:
+                self._publish_failing = True
                 self._retry_later(path, f"publishing failed: {exc}")
+                return
+            self._publish_failing = False
             return
         try:
             # The watched folders are the roots: a symlink pointing out of them is not followed

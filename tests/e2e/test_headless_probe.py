@@ -128,6 +128,24 @@ def test_a_publishing_watcher_is_healthy_without_a_model(broker: str, tmp_path: 
         delete_topology(broker, name)
 
 
+def test_a_watcher_whose_folder_is_gone_is_unhealthy_until_it_is_back(tmp_path: Path, data_dir: Path) -> None:
+    """In `serve` a missing folder leaves the API serving (and healthy); a watcher process has no
+    other work, so its probe says it is not doing it."""
+    port = _free_port()
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    proc = _spawn(["watch", str(inbox)], tmp_path, data_dir, HEALTH_PORT=str(port), HEALTH_DETAILS="true")
+    try:
+        wait_until(lambda: _health(port).get("status") == "healthy", 120, "the watcher to be healthy")
+        inbox.rmdir()
+        wait_until(lambda: _health(port).get("status") == "unhealthy", 30, "the probe to see the folder gone")
+        assert _health(port)["unavailable"] == ["watch"]
+        inbox.mkdir()
+        wait_until(lambda: _health(port).get("status") == "healthy", 30, "the watcher to watch it again")
+    finally:
+        _stop(proc)
+
+
 def test_a_health_port_in_use_is_one_line_and_a_non_zero_exit(tmp_path: Path, data_dir: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))

@@ -1353,6 +1353,7 @@ def test_files_watched_in_publish_mode_while_the_broker_is_down_are_published_on
         for i in range(3):
             (inbox / f"outage-{i}.jpg").write_bytes(image_bytes(700 + i))
         wait_until(lambda: len(watcher._retry_at) == 3, 30, "all three files waiting to be retried")
+        assert watcher.health()["state"] == "degraded"  # files are not getting through: /health says so
         proxy.start()
         with Connection(broker) as conn, conn.SimpleQueue(topology.request_queue) as requests:
             paths = []
@@ -1362,6 +1363,7 @@ def test_files_watched_in_publish_mode_while_the_broker_is_down_are_published_on
                     paths.append(Path(message.payload["path"]).name)
                     message.ack()
         assert sorted(paths) == [f"outage-{i}.jpg" for i in range(3)]
+        assert watcher.health()["state"] == "running"
     finally:
         watcher.stop()
         publisher.close()

@@ -170,6 +170,10 @@ async def health(request: web.Request) -> web.Response:
         body["workers"] = ctx.gateway.workers
         if not ctx.gateway.workers:
             unavailable.append("workers")
+    if problems := ctx.adapter_problems():
+        healthy = False
+        body["status"] = "unhealthy"
+        unavailable.extend(problems)
     if unavailable:
         body["unavailable"] = unavailable
     api_key = ctx.settings.api_key

@@ -34,6 +34,9 @@ class HttpContext:
     gateway: QueueGateway | None = None  # INFERENCE=queue: captions come from workers through the queue
     broker_problem: Callable[[], str | None] = field(default=lambda: None)  # why the broker is down, if it is
     model_used: bool = True  # False in a publishing watcher: its images are captioned by the workers
+    # `consume` / `watch` (HEALTH_PORT): the adapters are the process's work, so one that is not
+    # doing it (a watched folder gone, publishing failing) makes /health 503; `serve` goes on serving.
+    adapter_problems: Callable[[], list[str]] = field(default=lambda: [])
 
 
 CONTEXT = web.AppKey("blip2_context", HttpContext)
