@@ -320,7 +320,10 @@ class Runtime:
         log.info("health and metrics on http://%s:%d/health and /metrics", self.settings.host, port)
 
         def stop() -> None:
-            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+            try:
+                asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+            except Exception:  # the probe is going away with the process: never fail the stop for it
+                log.exception("stopping the health port failed")
             loop.call_soon_threadsafe(loop.stop)
             thread.join(10)
             loop.close()
