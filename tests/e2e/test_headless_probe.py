@@ -13,9 +13,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import jsonschema
 import pytest
 
+from blip2_service import __version__
 from blip2_service.amqp_topology import Topology
+from blip2_service.http_api.openapi import openapi_document
 from blip2_service.publisher import QueuePublisher
 
 from ..conftest import AMQP_URL, delete_topology, image_bytes, port_open, service_missing, wait_until
@@ -58,6 +61,13 @@ def _health(port: int) -> dict[str, object]:
         return {}
 
 
+def _described(body: dict[str, object]) -> dict[str, object]:
+    """`body`, once checked against the API description's Health schema (the probe's answers are
+    the API's, and described as such)."""
+    jsonschema.validate(body, openapi_document(__version__)["components"]["schemas"]["Health"])
+    return body
+
+
 @pytest.fixture
 def broker() -> str:
     if not port_open("127.0.0.1", 5672):
@@ -82,7 +92,7 @@ def test_a_worker_answers_health_and_metrics_on_health_port(broker: str, tmp_pat
     publisher = QueuePublisher(broker, topology)
     try:
         wait_until(lambda: _health(port).get("status") == "healthy", 120, "the worker to be healthy")
-        health = _health(port)
+        health = _described(_health(port))
         assert health["model_status"] == "loaded" and health["store"] == "up"
         sources = health["sources"]
         assert isinstance(sources, dict) and sources["queue"]["state"] == "connected"
@@ -119,7 +129,7 @@ def test_a_publishing_watcher_is_healthy_without_a_model(broker: str, tmp_path: 
     )
     try:
         wait_until(lambda: _health(port).get("status") == "healthy", 60, "the watcher to be healthy")
-        assert _health(port)["model_status"] == "none"
+        assert _described(_health(port))["model_status"] == "none"
         code, out = _stop(proc)
         assert code == 0, out
     finally:
@@ -139,7 +149,7 @@ def test_a_watcher_whose_folder_is_gone_is_unhealthy_until_it_is_back(tmp_path: 
         wait_until(lambda: _health(port).get("status") == "healthy", 120, "the watcher to be healthy")
         inbox.rmdir()
         wait_until(lambda: _health(port).get("status") == "unhealthy", 30, "the probe to see the folder gone")
-        assert _health(port)["unavailable"] == ["watch"]
+        assert _described(_health(port))["unavailable"] == ["watch"]
         inbox.mkdir()
         wait_until(lambda: _health(port).get("status") == "healthy", 30, "the watcher to watch it again")
     finally:

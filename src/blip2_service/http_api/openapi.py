@@ -217,7 +217,11 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "security": [],
                     "responses": {
                         "200": _json("healthy", "Health"),
-                        "503": _json("model loading, warming or failed, or the store down", "Health"),
+                        "503": _json(
+                            "model loading, warming or failed, the store or broker down, no worker (gateway), "
+                            "or (consume / watch on HEALTH_PORT) its consumer or watcher not doing its work",
+                            "Health",
+                        ),
                     },
                 }
             },
@@ -406,8 +410,18 @@ def _schemas() -> dict[str, Any]:
             "required": ["status", "model_status", "device", "store"],
             "properties": {
                 "status": {"enum": ["healthy", "unhealthy"]},
-                "model_status": {"enum": ["loading", "warming", "loaded", "failed", "gateway"]},
+                "model_status": {
+                    "enum": ["loading", "warming", "loaded", "failed", "gateway", "none"],
+                    "description": "gateway: INFERENCE=queue, the workers hold the model; none: a publishing "
+                    "watcher's HEALTH_PORT (it loads no model)",
+                },
                 "workers": {"type": "integer", "minimum": 0},
+                "unavailable": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "what makes it unhealthy: store, broker, workers (gateway); queue, watch "
+                    "(consume / watch on HEALTH_PORT: not started, a folder gone, publishing failing)",
+                },
                 "device": {"type": "string"},
                 "model": {"type": "string"},
                 "version": {"type": "string"},
