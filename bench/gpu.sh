@@ -22,7 +22,8 @@
 # Wheels: run bench/gpu_wheels.sh here first and carry .whl; they are installed into /tmp/site.
 # Before a session, bench/device_preflight.sh runs the compiled decode under the image's torch here.
 # Logs go to $OUT (or ./bench-gpu-logs) as well as stdout.
-# Rehearse the same script here first (minutes):
+# Rehearse the same script here first (minutes), with .whl moved aside (its wheels are the device's
+# Python 3.12 ones, which pip refuses here):
 #   DEVICE=cpu DTYPE=float32 MODEL=tiny-random PYTHON=.venv/bin/python DEADLINE=400 bash bench/gpu.sh serve-greedy check-opt
 set -uo pipefail
 cd "$(dirname "$0")/.."
