@@ -36,6 +36,7 @@ from .domain import (
     Overloaded,
     Prediction,
 )
+from .metrics import Metrics
 from .retry import WORK, Backoff
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,10 @@ class QueueGateway:
         timeout: float,
         max_pending: int = 256,
         backoff: Backoff = WORK,
+        metrics: Metrics | None = None,
     ) -> None:
         self.topology = topology
+        self.metrics = metrics or Metrics()
         self.timeout = timeout
         self.max_pending = max_pending
         self.backoff = backoff
@@ -90,8 +93,8 @@ class QueueGateway:
         # the request being published: kept until the broker took it, so one whose publish met a
         # dropped connection is sent on the next, not left to wait out GATEWAY_TIMEOUT
         self._unsent: tuple[dict[str, Any], str] | None = None
-        # correlation id -> (the reply's future, when to give up on it)
-        self._waiting: dict[str, tuple[Future[CaptionResult], float]] = {}
+        # correlation id -> (the reply's future, when it was sent, when to give up on it)
+        self._waiting: dict[str, tuple[Future[CaptionResult], float, float]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -111,8 +114,9 @@ class QueueGateway:
         self._stop.set()
         self._thread.join(timeout)
         with self._lock:
-            for future, _deadline in self._waiting.values():
+            for future, _sent, _deadline in self._waiting.values():
                 if not future.done():
+                    self.metrics.gateway_requests.labels("shutdown").inc()
                     future.set_exception(ModelNotReady("The gateway is shutting down; retry", retry_after=5))
             self._waiting.clear()
         self._connection.release()
@@ -143,7 +147,8 @@ class QueueGateway:
         reply: Future[CaptionResult] = Future()
         with self._lock:
             self.ensure_ready()
-            self._waiting[correlation] = (reply, time.monotonic() + self.timeout)
+            now = time.monotonic()
+            self._waiting[correlation] = (reply, now, now + self.timeout)
         settings = request.settings
         body: dict[str, Any] = {
             "image_b64": base64.b64encode(request.data).decode(),
@@ -163,8 +168,10 @@ class QueueGateway:
         return reply
 
     def ensure_ready(self) -> None:
-        """Raise what `submit` would refuse with: lets a door refuse before reading the upload."""
+        """Raise what `submit` would refuse with: lets a door refuse before reading the upload.
+        Counted here: a request is refused by its first call that raises, and only once."""
         if self.state == "reconnecting":  # would only wait out GATEWAY_TIMEOUT: say why, at once
+            self.metrics.gateway_requests.labels("refused_no_broker").inc()
             raise ModelNotReady(
                 f"The gateway cannot reach the broker ({self.last_error}); retry shortly",
                 retry_after=max(1.0, min(self.timeout, 5.0)),
@@ -174,6 +181,7 @@ class QueueGateway:
             and self._ready.is_set()
             and time.monotonic() - self._connected_at > WORKER_RECONNECT_GRACE
         ):
+            self.metrics.gateway_requests.labels("refused_no_worker").inc()
             raise ModelNotReady(
                 f"No worker is consuming {self.topology.interactive_name}; start `blip2-service consume` on a GPU host",
                 retry_after=10,
@@ -182,6 +190,7 @@ class QueueGateway:
         # and the workers went on captioning requests whose clients had long had their 503,
         # while every new one waited behind them and timed out in turn.
         if self.pending >= self.max_pending:
+            self.metrics.gateway_requests.labels("refused_overloaded").inc()
             raise Overloaded(
                 f"The gateway is overloaded ({self.max_pending} requests waiting on the workers, "
                 "MAX_PENDING); retry shortly",
@@ -193,10 +202,11 @@ class QueueGateway:
         calls this; one clock for all of them, not a timer thread each)."""
         now = time.monotonic()
         with self._lock:
-            overdue = [c for c, (_f, deadline) in self._waiting.items() if deadline <= now]
+            overdue = [c for c, (_f, _sent, deadline) in self._waiting.items() if deadline <= now]
         for correlation in overdue:
             self._refuse(
                 correlation,
+                "timeout",
                 ModelNotReady(
                     f"No worker answered within GATEWAY_TIMEOUT={self.timeout:g}s; the workers are busy or "
                     "gone, retry shortly",
@@ -296,19 +306,23 @@ class QueueGateway:
                 refused = too_large_for_broker(exc)
                 if refused is None:
                     raise  # the connection failed: `_unsent` goes first on the next one
-                self._refuse(correlation, refused)
+                self._refuse(correlation, "too_large", refused)
             self._unsent = None
 
-    def _claim(self, correlation: str) -> Future[CaptionResult] | None:
-        """Take one request off the waiting list: its future, or None when it is answered already."""
+    def _claim(self, correlation: str) -> tuple[Future[CaptionResult], float] | None:
+        """Take one request off the waiting list: its future and when it was sent, or None when it
+        is answered already."""
         with self._lock:
             waiting = self._waiting.pop(correlation, None)
-        return waiting[0] if waiting is not None and not waiting[0].done() else None
+        if waiting is None or waiting[0].done():
+            return None
+        return waiting[0], waiting[1]
 
-    def _refuse(self, correlation: str, error: Exception) -> None:
+    def _refuse(self, correlation: str, outcome: str, error: Exception) -> None:
         """Answer one waiting request with `error` (its reply, should one come, is then ignored)."""
-        if (future := self._claim(correlation)) is not None:
-            future.set_exception(error)
+        if (claimed := self._claim(correlation)) is not None:
+            self.metrics.gateway_requests.labels(outcome).inc()
+            claimed[0].set_exception(error)
 
     def _on_reply(self, body: Any, message: Any) -> None:
         self._answer(message, body, None)
@@ -324,16 +338,22 @@ class QueueGateway:
         be read (a worker of another version, or not ours): one line at once, not a wait until
         the client gives up (the request is off the list, so nothing else would answer it)."""
         message.ack()
-        future = self._claim(message.properties.get("correlation_id") or "")
-        if future is None:
+        claimed = self._claim(message.properties.get("correlation_id") or "")
+        if claimed is None:
             return
+        future, sent = claimed
         if error is None:
             try:
-                future.set_result(result_from_reply(body))
-                return
+                result = result_from_reply(body)
             except (TypeError, KeyError, ValueError, AttributeError) as exc:
                 error = exc
+            else:
+                self.metrics.gateway_requests.labels("answered").inc()
+                self.metrics.gateway_seconds.observe(time.monotonic() - sent)
+                future.set_result(result)
+                return
         log.warning("gateway: unreadable reply from a worker (%s: %s)", type(error).__name__, error)
+        self.metrics.gateway_requests.labels("unreadable").inc()
         future.set_exception(WorkerReplyUnreadable(error))
 
 

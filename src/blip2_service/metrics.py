@@ -49,6 +49,21 @@ class Metrics:
             registry=self.registry,
         )
         self.pending = Gauge("blip2_pending", "Images accepted and not yet finished", registry=self.registry)
+        # Gateway mode: the capacity signal. Timeouts and MAX_PENDING refusals rising while workers
+        # are up say the workers are too few; no_worker / no_broker say something is down.
+        self.gateway_requests = Counter(
+            "blip2_gateway_requests_total",
+            "Gateway requests by how they ended: answered, timeout (GATEWAY_TIMEOUT), unreadable (502), "
+            "too_large (413), shutdown, refused_no_broker, refused_no_worker, refused_overloaded (MAX_PENDING)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.gateway_seconds = Histogram(
+            "blip2_gateway_seconds",
+            "Gateway: from a request's send to its worker's reply",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
         self.http_requests = Counter(
             "blip2_http_requests_total",
             "HTTP requests by route and status",

@@ -125,6 +125,7 @@ class Runtime:
                 Topology(self.settings.queue_name, self.settings.results_exchange),
                 timeout=self.settings.gateway_timeout,
                 max_pending=self.settings.max_pending,
+                metrics=self.metrics,
             )
             self.metrics.pending.set_function(lambda: self.gateway.pending)  # the pipeline has none here
             self.gateway.start()

@@ -853,6 +853,10 @@ def test_a_reply_the_gateway_cannot_read_is_a_502_at_once_and_the_next_one_is_an
         worker.answer("still answering")
         assert answer.result(timeout=20).predictions[0].text == "still answering"
         assert gateway.pending == 0
+        sample = gateway.metrics.registry.get_sample_value
+        assert sample("blip2_gateway_requests_total", {"outcome": "unreadable"}) == len(unreadable)
+        assert sample("blip2_gateway_requests_total", {"outcome": "answered"}) == 1
+        assert sample("blip2_gateway_seconds_count") == 1
     finally:
         gateway.stop(timeout=10)
         worker.close()
@@ -881,6 +885,8 @@ def test_a_worker_drops_a_gateway_request_whose_client_already_had_its_503(
         for answer in late:
             with pytest.raises(ModelNotReady, match="GATEWAY_TIMEOUT"):
                 answer.result(timeout=20)
+        # what says "add workers": requests that waited out GATEWAY_TIMEOUT, counted by the gateway
+        assert gateway.metrics.registry.get_sample_value("blip2_gateway_requests_total", {"outcome": "timeout"}) == 3
         stalled.close()  # the worker died: its requests go back to the queue, past their deadline
         worker = start_consumer(sqlite_store)
         handled = ("expired", "succeeded", "failed")
@@ -1002,6 +1008,10 @@ def test_after_a_broker_restart_the_gateway_takes_requests_before_the_workers_ar
             return False
 
         wait_until(refused, WORKER_RECONNECT_GRACE + 10, "no worker to be a 503 again")
+        assert (
+            gateway.metrics.registry.get_sample_value("blip2_gateway_requests_total", {"outcome": "refused_no_worker"})
+            or 0
+        ) >= 1
     finally:
         gateway.stop(timeout=10)
         if worker is not None:
@@ -1245,6 +1255,10 @@ async def test_the_gateway_counts_the_requests_waiting_on_workers_and_refuses_pa
         await loop.run_in_executor(None, worker.take, 1)
         await loop.run_in_executor(None, worker.answer)
         assert (await again).status == 200
+        # Each refusal counted once (the door's check and submit's both ask ensure_ready)
+        metrics = await (await client.get("/metrics")).text()
+        assert 'blip2_gateway_requests_total{outcome="refused_overloaded"} 2.0' in metrics
+        assert 'blip2_gateway_requests_total{outcome="answered"} 4.0' in metrics
     finally:
         worker.close()
         await loop.run_in_executor(None, runtime.stop)
