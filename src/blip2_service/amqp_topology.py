@@ -6,7 +6,9 @@ refuses a redeclaration with different ones), so they are built in one place.
 
 from __future__ import annotations
 
+import socket
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +76,24 @@ class Topology:
         self.dead_queue(channel).declare()
         self.request_queue(channel).declare()
         self.interactive_queue(channel).declare()
+
+
+def reply_queue(prefix: str, timeout: float) -> Queue:
+    """A queue of one process's own for the replies to its requests (the gateway's, `publish
+    --wait`'s), named PREFIX.HOST.ID.
+
+    Not exclusive: an exclusive queue dies with its connection, and a reply a worker sent while
+    its owner reconnected was dropped. Durable, for the same reason across a broker restart (the
+    requests' queues are durable and the replies persistent, so a request in flight is answered
+    once the broker is back). Unused, it expires `timeout` + 60 s later: an owner gone for good
+    leaves nothing behind; a clean stop deletes it sooner.
+    """
+    return Queue(
+        f"{prefix}.{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
+        durable=True,
+        auto_delete=False,
+        expires=timeout + 60,
+    )
 
 
 # How long the consumer's and the gateway's loops wait for the broker before they look at their own

@@ -24,9 +24,9 @@ import uuid
 from concurrent.futures import Future
 from typing import Any
 
-from kombu import Consumer, Producer, Queue
+from kombu import Consumer, Producer
 
-from .amqp_topology import POLL_SECONDS, Topology, connect, too_large_for_broker
+from .amqp_topology import POLL_SECONDS, Topology, connect, reply_queue, too_large_for_broker
 from .domain import (
     CaptionError,
     CaptionRequest,
@@ -77,24 +77,15 @@ class QueueGateway:
         self.max_pending = max_pending
         self.backoff = backoff
         self._connection = connect(broker_url)
-        # Not exclusive: an exclusive queue dies with its connection, and a reply a worker sends
-        # while this one reconnects would be dropped, its client left to GATEWAY_TIMEOUT although
-        # the image was captioned. Durable, for the same reason across a broker restart (the
-        # requests' queue is durable, and the workers' replies persistent, so a request in flight
-        # is answered once the broker is back). It outlives its gateway by GATEWAY_TIMEOUT + 60 s
-        # (a gateway that is gone for good leaves nothing behind); a clean stop deletes it.
-        self._reply_queue = Queue(
-            f"blip2.gateway.{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
-            durable=True,
-            auto_delete=False,
-            expires=timeout + 60,
-        )
+        # A reply sent while this gateway reconnects, or across a broker restart, waits there;
+        # a clean stop deletes it.
+        self._reply_queue = reply_queue("blip2.gateway", timeout)
         self._outbox: queue.Queue[tuple[dict[str, Any], str]] = queue.Queue()
         # the request being published: kept until the broker took it, so one whose publish met a
         # dropped connection is sent on the next, not left to wait out GATEWAY_TIMEOUT
         self._unsent: tuple[dict[str, Any], str] | None = None
-        # correlation id -> (the reply's future, when it was sent, when to give up on it)
-        self._waiting: dict[str, tuple[Future[CaptionResult], float, float]] = {}
+        # correlation id -> (the reply's future, when it was sent); given up on GATEWAY_TIMEOUT later
+        self._waiting: dict[str, tuple[Future[CaptionResult], float]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -114,7 +105,7 @@ class QueueGateway:
         self._stop.set()
         self._thread.join(timeout)
         with self._lock:
-            for future, _sent, _deadline in self._waiting.values():
+            for future, _sent in self._waiting.values():
                 if not future.done():
                     self.metrics.gateway_requests.labels("shutdown").inc()
                     future.set_exception(ModelNotReady("The gateway is shutting down; retry", retry_after=5))
@@ -147,8 +138,7 @@ class QueueGateway:
         reply: Future[CaptionResult] = Future()
         with self._lock:
             self.ensure_ready()
-            now = time.monotonic()
-            self._waiting[correlation] = (reply, now, now + self.timeout)
+            self._waiting[correlation] = (reply, time.monotonic())
         settings = request.settings
         body: dict[str, Any] = {
             "image_b64": base64.b64encode(request.data).decode(),
@@ -200,9 +190,9 @@ class QueueGateway:
     def _expire_overdue(self) -> None:
         """Fail the requests no worker answered within GATEWAY_TIMEOUT (the AMQP thread's loop
         calls this; one clock for all of them, not a timer thread each)."""
-        now = time.monotonic()
+        sent_by = time.monotonic() - self.timeout
         with self._lock:
-            overdue = [c for c, (_f, _sent, deadline) in self._waiting.items() if deadline <= now]
+            overdue = [c for c, (_f, sent) in self._waiting.items() if sent <= sent_by]
         for correlation in overdue:
             self._refuse(
                 correlation,
@@ -314,9 +304,7 @@ class QueueGateway:
         is answered already."""
         with self._lock:
             waiting = self._waiting.pop(correlation, None)
-        if waiting is None or waiting[0].done():
-            return None
-        return waiting[0], waiting[1]
+        return None if waiting is None or waiting[0].done() else waiting
 
     def _refuse(self, correlation: str, outcome: str, error: Exception) -> None:
         """Answer one waiting request with `error` (its reply, should one come, is then ignored)."""

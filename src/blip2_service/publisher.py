@@ -13,9 +13,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from kombu import Consumer, Producer, Queue
+from kombu import Consumer, Producer
 
-from .amqp_topology import BrokerUnavailable, Topology, broker_errors, connect, too_large_for_broker, wait_for_broker
+from .amqp_topology import (
+    BrokerUnavailable,
+    Topology,
+    broker_errors,
+    connect,
+    reply_queue,
+    too_large_for_broker,
+    wait_for_broker,
+)
 from .config import Settings
 from .domain import TooLarge, json_text
 from .retry import PUBLISH, Backoff
@@ -102,18 +110,13 @@ class ReplyCollector:
 
     The queue was exclusive, so a broker restart (or a dropped connection) deleted it with every
     reply in it, and the lost connection raised out of the wait: a traceback, and not one result
-    printed, not even those already received. It is durable now and outlives its connection by
-    the wait's timeout + 60 s (replies sent meanwhile wait in it); a lost connection is
-    reconnected on the one backoff until the deadline; the end deletes the queue.
+    printed, not even those already received. It is a `reply_queue` now (replies sent meanwhile
+    wait in it); a lost connection is reconnected on the one backoff until the deadline; the end
+    deletes the queue.
     """
 
     def __init__(self, broker_url: str, timeout: float, *, backoff: Backoff = PUBLISH) -> None:
-        self.queue = Queue(
-            f"blip2.reply.{socket.gethostname()}.{uuid.uuid4().hex[:8]}",
-            durable=True,
-            auto_delete=False,
-            expires=timeout + 60,
-        )
+        self.queue = reply_queue("blip2.reply", timeout)
         self.results: dict[str, dict[str, Any]] = {}
         self._wanted: set[str] = set()
         self.backoff = backoff

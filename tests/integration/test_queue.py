@@ -788,6 +788,26 @@ class _HeldWorker:
         self.connection.release()
 
 
+@contextlib.contextmanager
+def _gateway_with_held_worker(
+    url: str, broker: str, topology: Topology, *, timeout: float
+) -> Iterator[tuple[Any, _HeldWorker]]:
+    """A started gateway on `url` (quick reconnects) and a `_HeldWorker` on `broker`, yielded once
+    the gateway counts the worker; both stopped after (the worker's connection may be dead by then)."""
+    from blip2_service.gateway import QueueGateway
+
+    gateway = QueueGateway(url, topology, timeout=timeout, backoff=Backoff(0.1, 0.4))
+    worker = _HeldWorker(broker, topology)
+    gateway.start()
+    try:
+        wait_until(lambda: gateway.health()["workers"] == 1, 30, "the gateway to see the worker")
+        yield gateway, worker
+    finally:
+        gateway.stop(timeout=10)
+        with contextlib.suppress(Exception):
+            worker.close()
+
+
 def test_a_reply_sent_while_the_gateways_connection_is_down_reaches_its_request(
     broker: str, topology: Topology
 ) -> None:
@@ -795,26 +815,19 @@ def test_a_reply_sent_while_the_gateways_connection_is_down_reaches_its_request(
     restarting behind a load balancer) replies into the gateway's reply queue. That queue was
     exclusive, so the broker deleted it with the connection and dropped the reply: the HTTP
     client waited out GATEWAY_TIMEOUT for a 503, although its image had been captioned."""
-    from blip2_service.gateway import QueueGateway
-
     proxy, url = _proxied(broker)
-    gateway = QueueGateway(url, topology, timeout=60, backoff=Backoff(0.1, 0.4))
-    worker = _HeldWorker(broker, topology)
-    gateway.start()
     try:
-        wait_until(lambda: gateway.health()["workers"] == 1, 30, "the gateway to see the worker")
-        answer = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(31), FAST))
-        reply_to = worker.take(1)[0].properties["reply_to"]
-        proxy.stop()  # the gateway's connection cut
-        wait_until(lambda: gateway.health()["state"] == "reconnecting", 30, "the gateway to notice")
-        wait_until(lambda: _queue_consumers(broker, reply_to) == 0, 30, "the broker to see the gateway gone")
-        worker.answer("a reply")
-        proxy.start()
-        result = answer.result(timeout=20)  # well inside GATEWAY_TIMEOUT
-        assert result.status == "succeeded" and result.predictions[0].text == "a reply"
+        with _gateway_with_held_worker(url, broker, topology, timeout=60) as (gateway, worker):
+            answer = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(31), FAST))
+            reply_to = worker.take(1)[0].properties["reply_to"]
+            proxy.stop()  # the gateway's connection cut
+            wait_until(lambda: gateway.health()["state"] == "reconnecting", 30, "the gateway to notice")
+            wait_until(lambda: _queue_consumers(broker, reply_to) == 0, 30, "the broker to see the gateway gone")
+            worker.answer("a reply")
+            proxy.start()
+            result = answer.result(timeout=20)  # well inside GATEWAY_TIMEOUT
+            assert result.status == "succeeded" and result.predictions[0].text == "a reply"
     finally:
-        gateway.stop(timeout=10)
-        worker.close()
         proxy.stop()
 
 
@@ -827,11 +840,8 @@ def test_a_reply_the_gateway_cannot_read_is_a_502_at_once_and_the_next_one_is_an
     which waited until it gave up (GATEWAY_TIMEOUT no longer applied). A reply that was not JSON
     at all was worse: kombu raised it out of the connection's loop, the gateway reconnected, was
     handed the same reply again, and answered no one from then on."""
-    from blip2_service.gateway import QueueGateway, WorkerReplyUnreadable
+    from blip2_service.gateway import WorkerReplyUnreadable
 
-    gateway = QueueGateway(broker, topology, timeout=60, backoff=Backoff(0.1, 0.4))
-    worker = _HeldWorker(broker, topology)
-    gateway.start()
     unreadable: list[tuple[Any, dict[str, str]]] = [
         (["a", "list"], {}),
         ("a string", {}),  # kombu sends a str as text/plain: a content type the gateway refuses
@@ -839,8 +849,7 @@ def test_a_reply_the_gateway_cannot_read_is_a_502_at_once_and_the_next_one_is_an
         ({"status": "success", "predictions": [{"txt": "no text"}]}, {}),
         ({"status": "failed", "error_status": "not a number"}, {}),
     ]
-    try:
-        wait_until(lambda: gateway.health()["workers"] == 1, 30, "the gateway to see the worker")
+    with _gateway_with_held_worker(broker, broker, topology, timeout=60) as (gateway, worker):
         for n, (body, publish) in enumerate(unreadable):
             answer = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(40 + n), FAST))
             worker.take(1)
@@ -857,9 +866,6 @@ def test_a_reply_the_gateway_cannot_read_is_a_502_at_once_and_the_next_one_is_an
         assert sample("blip2_gateway_requests_total", {"outcome": "unreadable"}) == len(unreadable)
         assert sample("blip2_gateway_requests_total", {"outcome": "answered"}) == 1
         assert sample("blip2_gateway_seconds_count") == 1
-    finally:
-        gateway.stop(timeout=10)
-        worker.close()
 
 
 def test_a_worker_drops_a_gateway_request_whose_client_already_had_its_503(
@@ -873,13 +879,7 @@ def test_a_worker_drops_a_gateway_request_whose_client_already_had_its_503(
     GATEWAY_TIMEOUT. When a worker comes back it captioned that backlog first, spending the GPU on
     answers no one waited for while the requests behind them timed out in turn. The gateway now
     stamps a deadline, and a worker that takes a request past it acks it without captioning."""
-    from blip2_service.gateway import QueueGateway
-
-    gateway = QueueGateway(broker, topology, timeout=1.0, backoff=Backoff(0.1, 0.4))
-    stalled = _HeldWorker(broker, topology)
-    gateway.start()
-    try:
-        wait_until(lambda: gateway.health()["workers"] == 1, 30, "the gateway to see the worker")
+    with _gateway_with_held_worker(broker, broker, topology, timeout=1.0) as (gateway, stalled):
         late = [gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(50 + n), FAST)) for n in range(3)]
         stalled.take(3)
         for answer in late:
@@ -903,8 +903,6 @@ def test_a_worker_drops_a_gateway_request_whose_client_already_had_its_503(
         fresh = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(59), FAST))
         assert fresh.result(timeout=60).status == "succeeded"
         assert sqlite_store.count() == 1
-    finally:
-        gateway.stop(timeout=10)
 
 
 def test_a_request_whose_publish_met_a_dropped_connection_is_sent_on_the_next_one(
@@ -947,31 +945,23 @@ def test_a_request_in_flight_through_the_gateway_is_answered_after_a_broker_rest
     GATEWAY_TIMEOUT for a 503 although its image was captioned and stored. Here the reply is sent
     while the gateway is still away (its way to the broker cut), so only a reply queue that
     outlived the restart can hold it."""
-    from blip2_service.gateway import QueueGateway
-
     proxy, url = _proxied(broker)
-    gateway = QueueGateway(url, topology, timeout=120, backoff=Backoff(0.1, 0.4))
-    held = _HeldWorker(broker, topology)
-    gateway.start()
     try:
-        wait_until(lambda: gateway.health()["workers"] == 1, 30, "the gateway to see the worker")
-        answer = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(33), FAST))
-        reply_to = held.take(1)[0].properties["reply_to"]
-        proxy.stop()
-        wait_until(lambda: gateway.health()["state"] == "reconnecting", 30, "the gateway to notice")
-        broker_control.restart()  # the held request goes back to its queue, unanswered
-        worker = start_consumer(sqlite_store)  # a real worker takes it: the model, the store, the reply
-        wait_until(lambda: worker.counts["succeeded"] == 1, 60, "the worker to caption the request")
-        assert _queue_depth(broker, reply_to) == 1  # the reply waits for its gateway
-        proxy.start()
-        result = answer.result(timeout=30)  # well inside GATEWAY_TIMEOUT
-        assert result.status == "succeeded" and result.predictions[0].text
-        assert sqlite_store.get(result.record_id or 0) is not None
+        with _gateway_with_held_worker(url, broker, topology, timeout=120) as (gateway, held):
+            answer = gateway.submit(CaptionRequest(Source.HTTP, "upload", image_bytes(33), FAST))
+            reply_to = held.take(1)[0].properties["reply_to"]
+            proxy.stop()
+            wait_until(lambda: gateway.health()["state"] == "reconnecting", 30, "the gateway to notice")
+            broker_control.restart()  # the held request goes back to its queue, unanswered
+            worker = start_consumer(sqlite_store)  # a real worker takes it: the model, the store, the reply
+            wait_until(lambda: worker.counts["succeeded"] == 1, 60, "the worker to caption the request")
+            assert _queue_depth(broker, reply_to) == 1  # the reply waits for its gateway
+            proxy.start()
+            result = answer.result(timeout=30)  # well inside GATEWAY_TIMEOUT
+            assert result.status == "succeeded" and result.predictions[0].text
+            assert sqlite_store.get(result.record_id or 0) is not None
     finally:
-        gateway.stop(timeout=10)
         proxy.stop()
-        with contextlib.suppress(Exception):  # its connection died with the restart
-            held.close()
 
 
 def test_after_a_broker_restart_the_gateway_takes_requests_before_the_workers_are_back(

@@ -130,18 +130,16 @@ async def health(request: web.Request) -> web.Response:
     store_problem = None
     if ctx.store is not None:
         store_problem = await asyncio.get_running_loop().run_in_executor(None, ctx.store.write_problem)
-    if ctx.gateway is not None:  # no model here: healthy while workers consume the queue
-        workers = ctx.gateway.workers
-        healthy = workers > 0 and ctx.gateway.state == "connected" and store_problem is None
+    # Healthy: the model loaded here (a gateway's is the workers', a publishing watcher loads
+    # none) and nothing in `unavailable` below.
+    if ctx.gateway is not None:
         model_status = "gateway"
     elif not ctx.model_used:  # a publishing watcher (HEALTH_PORT): the workers caption its files
-        healthy = store_problem is None
         model_status = "none"
     else:
-        healthy = holder.status == "loaded" and store_problem is None
         model_status = holder.status
     body: dict[str, object] = {
-        "status": "healthy" if healthy else "unhealthy",
+        "status": "unhealthy",  # settled at the end, listed first
         "model_status": model_status,
         "device": str(holder.captioner.loaded.device) if holder.captioner else ctx.device_hint,
         "model": ctx.settings.model,
@@ -160,22 +158,19 @@ async def health(request: web.Request) -> web.Response:
     if holder.error:
         body["error"] = holder.error
     unavailable = ["store"] if store_problem else []
-    broker_problem = ctx.broker_problem()
+    broker_problem = ctx.broker_problem()  # a gateway's connection among them
     if broker_problem:
-        healthy = False
-        body["status"] = "unhealthy"
         body["broker"] = "down"
         unavailable.append("broker")
     if ctx.gateway is not None:
         body["workers"] = ctx.gateway.workers
         if not ctx.gateway.workers:
             unavailable.append("workers")
-    if problems := ctx.adapter_problems():
-        healthy = False
-        body["status"] = "unhealthy"
-        unavailable.extend(problems)
+    unavailable.extend(ctx.adapter_problems())
     if unavailable:
         body["unavailable"] = unavailable
+    healthy = model_status in ("loaded", "gateway", "none") and not unavailable
+    body["status"] = "healthy" if healthy else "unhealthy"
     api_key = ctx.settings.api_key
     if ctx.settings.health_details or (api_key and hmac.compare_digest(request_key(request), api_key.encode())):
         if store_problem:
