@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .domain import TooLarge, Undecodable, Unsupported
@@ -109,12 +110,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Flatten transparency onto white and bring every mode (CMYK, 16-bit, palette) to 8-bit RGB."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale the real range into 8 bits instead of clipping to white.
-        extrema = image.getextrema()
-        low, high = extrema if isinstance(extrema[0], int | float) else (0, 65535)
-        span = max(float(high) - float(low), 1.0)
-        image = image.point(lambda v: (v - low) * 255.0 / span).convert("L")
+    if image.mode in _DEEP_GREY:
+        image = _deep_to_l(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -123,6 +120,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+# 16-bit (either byte order), 32-bit integer and 32-bit float greyscale: TIFF, PNG and scanners.
+_DEEP_GREY = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+
+
+def _deep_to_l(image: Image.Image) -> Image.Image:
+    """Greyscale deeper than 8 bits as 8-bit "L", its real range scaled into 0-255.
+
+    Pillow's own conversion clips (a 16-bit scan comes out white, a float image in 0-1 black)
+    and has no conversion at all from big-endian 16-bit (the "Macintosh" byte order of TIFFs),
+    which it reported as a corrupt image. NaN counts as the darkest value, infinities as the ends.
+    """
+    values = np.array(image, dtype=np.float32)  # a copy: Pillow's own buffer is read-only
+    finite = np.isfinite(values)
+    low, high = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (0.0, 0.0)
+    values -= low
+    values *= 255.0 / (high - low) if high > low else 1.0
+    np.nan_to_num(values, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+    np.clip(values, 0.0, 255.0, out=values)
+    return Image.fromarray(np.rint(values).astype(np.uint8), "L")
 
 
 def make_thumbnail(image: Image.Image, size: int = 256) -> bytes:

@@ -74,6 +74,37 @@ def test_cmyk_palette_and_16_bit_images_become_rgb() -> None:
     assert low < 10 and high > 240
 
 
+def _ramp(dtype: str) -> np.ndarray:
+    return np.linspace(0, 1, 64 * 64).reshape(64, 64).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    ("name", "image"),
+    [
+        # "Macintosh" byte order: Pillow has no conversion from it and called the file corrupt
+        ("16-bit big-endian TIFF", Image.frombytes("I;16B", (64, 64), (_ramp("f8") * 60000).astype(">u2").tobytes())),
+        # values in 0-1: Pillow's conversion clips them to 0 and 1, a black image
+        ("float TIFF", Image.fromarray(_ramp("float32"), "F")),
+        ("32-bit integer TIFF", Image.fromarray((_ramp("f8") * 1e6).astype(np.int32), "I")),
+    ],
+)
+def test_deep_greyscale_tiffs_keep_their_picture(name: str, image: Image.Image) -> None:
+    decoded = decode_image(_encode(image, "TIFF"), **LIMITS)
+    grey = np.asarray(decoded.image)[:, :, 0]
+    assert decoded.image.mode == "RGB"
+    assert grey.min() < 5 and grey.max() > 250, name
+    assert grey[0, 0] < grey[32, 32] < grey[-1, -1], name  # the ramp is still a ramp
+
+
+def test_a_float_image_with_nan_and_infinity_decodes() -> None:
+    values = _ramp("float32")
+    values[0, 1:4] = (np.nan, np.inf, -np.inf)
+    image = decode_image(_encode(Image.fromarray(values, "F"), "TIFF"), **LIMITS).image
+    # the finite range (0 to 1) spans 0-255; NaN is the darkest, each infinity its own end
+    assert [image.getpixel((x, 0))[0] for x in range(4)] == [0, 0, 255, 0]
+    assert image.getpixel((63, 63))[0] == 255
+
+
 def test_gif_first_frame_is_used() -> None:
     frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
     out = io.BytesIO()
