@@ -7,6 +7,7 @@ it costs memory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -22,9 +23,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .domain import TooLarge, Undecodable, Unsupported
 
-# The formats BLIP/BLIP-2 users send; MPO is what many cameras call their JPEGs.
-SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF"})
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".mpo"})
+# The formats BLIP/BLIP-2 users send; MPO is what many cameras call their JPEGs; HEIF (an
+# iPhone's HEIC photos) needs the optional pillow-heif package (the `heif` extra).
+SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "HEIF"})
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".mpo"}
+    | {".avif", ".heic", ".heif", ".hif"}
+)
+FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF, AVIF or HEIC"
+# The brands of an ISO-BMFF `ftyp` box that say HEIF/HEIC (AVIF's own are Pillow's).
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
 
 
 # Their names here; the kinds (and statuses) are the domain's.
@@ -62,6 +70,21 @@ def check_bytes(data: bytes, max_file_size: int) -> None:
     check_size(len(data), max_file_size)
 
 
+@functools.cache
+def heif_support() -> bool:
+    """Whether HEIC/HEIF can be read: pillow-heif's opener registered with Pillow, once per process.
+
+    Optional because its wheel bundles libheif, libde265 and the GPL-licensed x265, and because
+    each decoder is more code reading untrusted bytes: an operator opts in with the `heif` extra.
+    """
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
 def decode_image(data: bytes, *, max_file_size: int, max_image_pixels: int, sha256: str | None = None) -> DecodedImage:
     """Validate and decode; raise ImageTooLarge (413), UnsupportedImage (415) or UndecodableImage (422).
 
@@ -69,13 +92,19 @@ def decode_image(data: bytes, *, max_file_size: int, max_image_pixels: int, sha2
     """
     check_bytes(data, max_file_size)
     digest = sha256 or sha256_of(data)
+    heif = heif_support()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             opened = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if not heif and data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+            raise UnsupportedImage(
+                "HEIC/HEIF images need the optional pillow-heif package, not installed here: "
+                "pip install 'blip2-service[heif]', or send the image as JPEG"
+            ) from None
         raise UnsupportedImage(
-            f"Not a supported image: send PNG, JPEG, GIF, BMP, WebP or TIFF (the first bytes were {data[:8]!r})"
+            f"Not a supported image: send {FORMAT_NAMES} (the first bytes were {data[:8]!r})"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(f"Image has too many pixels: {exc}") from None
@@ -84,7 +113,7 @@ def decode_image(data: bytes, *, max_file_size: int, max_image_pixels: int, sha2
 
     fmt = (opened.format or "").upper()
     if fmt not in SUPPORTED_FORMATS:
-        raise UnsupportedImage(f"Unsupported image format {fmt or 'unknown'}: send PNG, JPEG, GIF, BMP, WebP or TIFF")
+        raise UnsupportedImage(f"Unsupported image format {fmt or 'unknown'}: send {FORMAT_NAMES}")
     width, height = opened.size
     if width * height > max_image_pixels:
         raise ImageTooLarge(

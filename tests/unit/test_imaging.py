@@ -1,5 +1,8 @@
 import io
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from blip2_service.imaging import (
     UndecodableImage,
     UnsupportedImage,
     decode_image,
+    heif_support,
     make_thumbnail,
     sha256_of,
 )
@@ -28,8 +32,9 @@ def _photo(w: int = 40, h: int = 30) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB")
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "HEIF"])
 def test_every_supported_format_decodes_to_rgb_with_its_hash(fmt: str) -> None:
+    assert heif_support()  # the `heif` extra is part of the test install
     data = _encode(_photo(), fmt)
     decoded = decode_image(data, **LIMITS)
     assert decoded.image.mode == "RGB"
@@ -46,11 +51,30 @@ def test_format_is_sniffed_from_content_not_trusted_from_names() -> None:
         decode_image(b"GIF89a? no, just text pretending", **LIMITS)
 
 
-def test_exif_orientation_is_applied() -> None:
+def test_without_the_heif_extra_a_heic_photo_gets_a_line_saying_what_to_install(tmp_path: Path) -> None:
+    assert heif_support()
+    heic = tmp_path / "photo.heic"
+    heic.write_bytes(_encode(_photo(), "HEIF"))
+    # A fresh interpreter where pillow_heif cannot be imported: the extra is not installed.
+    script = (
+        "import sys; sys.modules['pillow_heif'] = None\n"
+        "from blip2_service.imaging import decode_image, UnsupportedImage\n"
+        f"data = open({str(heic)!r}, 'rb').read()\n"
+        "try:\n    decode_image(data, max_file_size=10**7, max_image_pixels=10**7)\n"
+        "except UnsupportedImage as exc:\n    print(exc.status, exc.message)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("415 HEIC/HEIF images need the optional pillow-heif package")
+    assert "blip2-service[heif]" in out
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "HEIF", "AVIF"])
+def test_exif_orientation_is_applied_once(fmt: str) -> None:
+    assert heif_support()
     image = _photo(40, 20)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise on display
-    decoded = decode_image(_encode(image, "JPEG", exif=exif.tobytes()), **LIMITS)
+    decoded = decode_image(_encode(image, fmt, exif=exif.tobytes()), **LIMITS)
     assert (decoded.width, decoded.height) == (20, 40)
 
 
