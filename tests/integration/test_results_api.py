@@ -106,6 +106,23 @@ async def test_paging_filters_and_search(client: Any) -> None:
     assert first["id"] in [i["id"] for i in found["items"]]
     assert all(word in i["text"] or word in " ".join(m["word"] for m in i["emoji_mappings"]) for i in found["items"])
 
+    # an emoji as the page shows it finds the captions whose emojis hold it, with or without U+FE0F
+    def bare(glyph: str) -> str:
+        return glyph.replace("\ufe0f", "")
+
+    items = (await (await client.get("/captions")).json())["items"]
+    mapped = next(i for i in items if i["emoji_mappings"])
+    glyph = mapped["emoji_mappings"][0]["emoji"]
+    for spelling in {glyph, bare(glyph), bare(glyph) + "\ufe0f"}:
+        by_emoji = (await (await client.get("/captions", params={"q": spelling})).json())["items"]
+        assert mapped["id"] in [i["id"] for i in by_emoji]
+        assert all(bare(glyph) in [bare(m["emoji"]) for m in i["emoji_mappings"]] for i in by_emoji)
+    # with a word, both must hold; an emoji no caption has finds nothing (not everything)
+    word = max(mapped["text"].split(), key=len)
+    both = (await (await client.get("/captions", params={"q": f"{glyph} {word}"})).json())["items"]
+    assert mapped["id"] in [i["id"] for i in both]
+    assert (await (await client.get("/captions", params={"q": "♜"})).json())["items"] == []
+
 
 @pytest.mark.parametrize(
     ("query", "fragment"),

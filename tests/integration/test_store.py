@@ -197,6 +197,22 @@ def test_full_text_search(store: CaptionRepository, query: str, expected: set[in
     assert found == expected
 
 
+def test_emojis_are_found_in_the_mappings_with_or_without_variation_selectors(store: CaptionRepository) -> None:
+    ids = []
+    for i, emojis in enumerate([["🛋️", "🐈"], ["🐈"], ["🐕", "🏖️"], []]):
+        mappings = [{"emoji": e, "word": f"w{n}"} for n, e in enumerate(emojis)]
+        ids.append(store.save(_new(i, f"caption {i} on the beach", emoji=mappings))[0]["id"])
+
+    def found(**filters: object) -> set[int]:
+        return {ids.index(item["id"]) for item in store.query(CaptionFilter(**filters))[0]}  # type: ignore[arg-type]
+
+    assert found(emojis=("🐈",)) == {0, 1}
+    assert found(emojis=("🛋",)) == {0}  # stored as 🛋️ (with U+FE0F)
+    assert found(emojis=("🐈", "🛋")) == {0}  # every emoji must be there
+    assert found(emojis=("🏖",), q="beach") == {2}
+    assert found(emojis=("🦄",)) == set()
+
+
 def test_both_engines_find_the_same_ids(sqlite_url: str, pg_url: str) -> None:
     stores = []
     for url in (sqlite_url, pg_url):

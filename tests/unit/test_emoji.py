@@ -324,3 +324,13 @@ def test_cli_emoji_prints_the_mappings(tmp_path: Path) -> None:
         env={"PATH": "/usr/bin:/bin", "AUTO_UPDATE": "false", "HOME": str(tmp_path)},
     )
     assert json.loads(as_json.stdout) == [{"emoji": "🧸", "word": "teddy_bear"}]
+
+
+def test_a_search_names_the_tables_emojis_whole_and_any_other_pictograph() -> None:
+    mapper = EmojiMapper({"couch": "🛋️", "family": "👨‍👩‍👧", "man": "👨"})
+    # the family is one emoji, not the man and two others; variation selectors are dropped
+    assert mapper.emojis_in("👨‍👩‍👧 on a 🛋️")[0] == ("👨‍👩‍👧", "🛋")
+    assert mapper.emojis_in("🛋 🛋️ 👨")[0] == ("🛋", "👨")
+    # a pictograph the table lacks is still an emoji (found in no caption), not nothing
+    emojis, words = mapper.emojis_in("♜ dog's bed")
+    assert emojis == ("♜",) and words.split() == ["dog's", "bed"]

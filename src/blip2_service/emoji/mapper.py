@@ -8,6 +8,7 @@ matcher: a handful of dict look-ups per word.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 
@@ -43,6 +44,9 @@ class EmojiMapper:
         self._table = {self.normalise_key(k): v for k, v in table.items()}
         self._stop = frozenset(self.normalise_key(w) for w in stopwords)
         self._max_words = max((k.count("_") + 1 for k in self._table), default=1)
+        # Longest first, so a flag or a family is found whole before the emojis it is made of.
+        bare = sorted({v.replace(_VARIATION_SELECTOR, "") for v in self._table.values() if v}, key=len, reverse=True)
+        self._glyph_re = re.compile("|".join(map(re.escape, bare))) if bare else None
         self._lemmas = lru_cache(maxsize=65536)(lemmatizer)
         self._noun_lemmas = lru_cache(maxsize=65536)(
             (lambda w: _lemmas_default(w, ("NOUN",))) if lemmatizer is _lemmas_default else lemmatizer
@@ -57,6 +61,24 @@ class EmojiMapper:
 
     def tokens(self, text: str) -> list[str]:
         return _WORD_RE.findall(text.lower().replace(_VARIATION_SELECTOR, "").replace("’", "'"))
+
+    def emojis_in(self, text: str) -> tuple[tuple[str, ...], str]:
+        """The emojis a search names, without variation selectors, and the text left around them.
+
+        The table's emojis are found whole (👨‍👩‍👧 is one, not three); any other pictograph counts
+        as an emoji of its own, which no caption holds, so searching for it finds nothing instead
+        of everything (a search with no words left was no filter at all).
+        """
+        rest = text.replace(_VARIATION_SELECTOR, "")
+        found: list[str] = []
+        if self._glyph_re is not None:
+            found.extend(self._glyph_re.findall(rest))
+            rest = self._glyph_re.sub(" ", rest)
+        others = [c for c in rest if unicodedata.category(c) == "So"]
+        found.extend(others)
+        for c in others:
+            rest = rest.replace(c, " ")
+        return tuple(dict.fromkeys(found)), rest
 
     def lookup(self, word: str) -> str | None:
         """The emoji for one word or `_`-joined phrase, trying lemmas; None when stoplisted or unknown."""

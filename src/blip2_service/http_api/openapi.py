@@ -176,7 +176,15 @@ def openapi_document(version: str) -> dict[str, Any]:
     caption_filters: list[dict[str, Any]] = [
         {"name": name, "in": "query", "required": False, "schema": schema}
         for name, schema in [
-            ("q", {"type": "string", "maxLength": 500, "description": "full text over caption and emoji words"}),
+            (
+                "q",
+                {
+                    "type": "string",
+                    "maxLength": 500,
+                    "description": "full text over caption and emoji words (the last word a prefix); "
+                    "emojis in it (🐶) must be among the caption's emojis",
+                },
+            ),
             ("source", {"type": "string", "enum": ["", "http", "watch", "queue", "cli"], "description": "empty: any"}),
             ("model", {"type": "string", "maxLength": 200}),
             ("status", {"type": "string", "enum": ["", "succeeded", "failed"], "description": "empty: any"}),

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from ..domain import CaptionError, CaptionRequest, Source, TransientError
+from ..emoji.mapper import EmojiMapper
 from ..intake import MAX_PATH_CHARS
 from ..outcome import success_body
 from ..reprocess import read_copy
@@ -59,8 +60,9 @@ def _parse_time(name: str, raw: str | None) -> datetime | None:
         return (datetime.max if value.year >= 9999 else datetime.min).replace(tzinfo=UTC)
 
 
-def parse_filters(query: Any) -> tuple[CaptionFilter, int, str | None]:
-    """Validate /captions parameters; ValueError carries the message for a 400."""
+def parse_filters(query: Any, mapper: EmojiMapper) -> tuple[CaptionFilter, int, str | None]:
+    """Validate /captions parameters; ValueError carries the message for a 400. The emojis in
+    `q` (🐶, as the page shows them) become an emoji filter, its words a full-text search."""
     source = query.get("source") or None
     if source is not None and source not in {s.value for s in Source}:
         raise ValueError(f"source={source!r} is not one of http, watch, queue, cli")
@@ -85,8 +87,10 @@ def parse_filters(query: Any) -> tuple[CaptionFilter, int, str | None]:
             raise ValueError(f"{name} is {len(query.get(name))} characters; at most {most} are allowed")
     since = _parse_time("since", query.get("since"))
     until = _parse_time("until", query.get("until"))
+    emojis, words = mapper.emojis_in(query.get("q") or "")
     flt = CaptionFilter(
-        q=(query.get("q") or "").strip() or None,
+        q=words.strip() or None,
+        emojis=emojis,
         source=source,
         model=query.get("model") or None,
         status=status,
@@ -99,7 +103,7 @@ def parse_filters(query: Any) -> tuple[CaptionFilter, int, str | None]:
 
 async def list_captions(request: web.Request) -> web.Response:
     try:
-        flt, limit, cursor = parse_filters(request.query)
+        flt, limit, cursor = parse_filters(request.query, request.app[CONTEXT].mapper)
     except ValueError as exc:
         return _problem(400, str(exc))
     store = _store(request)

@@ -36,6 +36,7 @@ T = TypeVar("T")
 # room for its pages and journal (a caption with its thumbnail: tens of KiB).
 SQLITE_MIN_FREE = 1 << 20
 _SEARCH_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+_VARIATION_SELECTOR = "\ufe0f"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,8 @@ class CaptionFilter:
     path: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    # Emojis every matching caption's mappings hold, without variation selectors ("🛋" for "🛋️").
+    emojis: tuple[str, ...] = ()
 
 
 # Ids are 64-bit integers in both engines; anything larger names no row.
@@ -445,6 +448,7 @@ class CaptionRepository:
                     sightings.c.source_ref.startswith(f.path, autoescape=True),
                 )
             )
+        out.extend(self._has_emoji(glyph) for glyph in f.emojis)
         if f.q:
             words = [w.lower() for w in _SEARCH_WORD.findall(f.q)]
             # "dog's" -> dog: lone letters only count when they are all the query has.
@@ -465,6 +469,19 @@ class CaptionRepository:
             )
         query = " & ".join([*words[:-1], f"{words[-1]}:*"])
         return text("captions.search @@ to_tsquery('simple', :ts_query)").bindparams(ts_query=query)
+
+    def _has_emoji(self, glyph: str) -> Any:
+        """The caption's mappings hold `glyph`, compared without variation selectors. A scan of the
+        mappings (no index): the newest page of a common emoji comes at once, a rare one costs a
+        pass over the captions the other filters leave."""
+        emoji: Any
+        if self.dialect == "sqlite":
+            mapping = func.json_each(captions.c.emoji_mappings).table_valued("value").alias("mapping")
+            emoji = func.json_extract(mapping.c.value, "$.emoji")
+        else:
+            mapping = func.json_array_elements(captions.c.emoji_mappings).table_valued("value").alias("mapping")
+            emoji = mapping.c.value.op("->>")("emoji")
+        return exists(select(1).select_from(mapping).where(func.replace(emoji, _VARIATION_SELECTOR, "") == glyph))
 
     def _ts(self, value: datetime) -> datetime:
         value = value if value.tzinfo else value.replace(tzinfo=UTC)
