@@ -56,7 +56,7 @@ def test_our_tables_live_in_db_schema_beside_another_applications_images_table(p
     _foreign_tables(pg_url)
     engine = make_engine(pg_url)
     upgrade(engine)
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == "0002"
     store = CaptionRepository(engine)
     item, created = store.save(_caption(1))
     assert created and store.get(item["id"]) is not None

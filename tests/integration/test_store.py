@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import inspect, text
+from alembic import command
+from sqlalchemy import inspect, text, update
 from sqlalchemy.engine import make_url
 
 from blip2_service.domain import GenerationSettings, TransientError
@@ -26,7 +27,8 @@ from blip2_service.store import (
     make_engine,
     upgrade,
 )
-from blip2_service.store.migrate import current_revision
+from blip2_service.store.migrate import StoreSetupError, alembic_config, current_revision
+from blip2_service.store.tables import captions
 
 from ..conftest import service_missing
 from ..tcp_proxy import TcpProxy
@@ -91,7 +93,7 @@ def test_migrations_create_the_schema_from_empty(db_url: str) -> None:
     engine = make_engine(db_url)
     upgrade(engine)
     upgrade(engine)  # idempotent
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == "0002"
     names = set(inspect(engine).get_table_names())
     assert {"images", "sightings", "captions", "alembic_version"} <= names
     with engine.connect() as conn:
@@ -102,6 +104,40 @@ def test_migrations_create_the_schema_from_empty(db_url: str) -> None:
             cols = {c["name"] for c in inspect(engine).get_columns("captions")}
             assert "search" in cols
             assert conn.execute(text("SELECT indexname FROM pg_indexes WHERE indexname='ix_captions_search'")).scalar()
+    engine.dispose()
+
+
+def test_an_upgrade_indexes_the_emojis_of_captions_stored_before_it_and_a_downgrade_undoes_it(db_url: str) -> None:
+    engine = make_engine(db_url)
+    upgrade(engine, "0001")
+    store = CaptionRepository(engine)
+    saved, _ = store.save(_new(1, "a cat on a couch", emoji=[{"emoji": "🛋️", "word": "couch"}]))
+    with engine.begin() as conn:  # as the code of revision 0001 wrote it: the mapped words alone
+        conn.execute(update(captions).where(captions.c.id == saved["id"]).values(emoji_words="couch"))
+
+    def by_emoji() -> list[int]:
+        return [i["id"] for i in store.query(CaptionFilter(emojis=("🛋",)))[0]]
+
+    assert by_emoji() == []
+    upgrade(engine)
+    assert by_emoji() == [saved["id"]]
+    assert [i["id"] for i in store.query(CaptionFilter(q="couch"))[0]] == [saved["id"]]
+    config = alembic_config()
+    with engine.begin() as connection:
+        config.attributes.update(connection=connection, schema="blip2")  # make_engine's default DB_SCHEMA
+        command.downgrade(config, "0001")
+    assert by_emoji() == []
+    engine.dispose()
+
+
+def test_a_database_migrated_by_a_newer_version_is_one_line_saying_so(db_url: str) -> None:
+    engine = make_engine(db_url)
+    upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    with pytest.raises(StoreSetupError, match="revision 0099, migrated by a newer blip2-service") as info:
+        upgrade(engine)
+    assert "\n" not in str(info.value)
     engine.dispose()
 
 

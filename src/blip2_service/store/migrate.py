@@ -9,6 +9,7 @@ moves them into the schema first when, and only when, they are recognisably this
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 OUR_TABLES = ("alembic_version", "images", "sightings", "captions")
-OUR_REVISIONS = frozenset({"0001"})
+OUR_REVISIONS = frozenset({"0001", "0002"})
+_OUR_NAMING = re.compile(r"[0-9]{4}")  # how this service names its revisions; others' are hashes
 
 
 class StoreSetupError(Exception):
@@ -92,10 +94,23 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     except sa_exc.ProgrammingError as exc:
         raise _clash(exc, schema) from None
     except CommandError as exc:
+        found = _stored_revision(engine)
+        if found is not None and _OUR_NAMING.fullmatch(found):
+            raise StoreSetupError(
+                f"the database is at revision {found}, migrated by a newer blip2-service than this one "
+                f"(which knows up to {max(OUR_REVISIONS)}); run that version here too"
+            ) from None
         raise StoreSetupError(
             f"the Alembic version table in schema {schema!r} is not this service's ({exc}); "
             "another application's migrations? set DB_SCHEMA to a schema of its own (default blip2)"
         ) from None
+
+
+def _stored_revision(engine: Engine) -> str | None:
+    try:
+        return current_revision(engine)
+    except sa_exc.SQLAlchemyError:
+        return None
 
 
 def _schema_of(connection: Connection) -> str:

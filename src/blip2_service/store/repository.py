@@ -12,7 +12,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,7 +36,18 @@ T = TypeVar("T")
 # room for its pages and journal (a caption with its thumbnail: tens of KiB).
 SQLITE_MIN_FREE = 1 << 20
 _SEARCH_WORD = re.compile(r"[^\W_]+", re.UNICODE)
-_VARIATION_SELECTOR = "\ufe0f"
+
+
+def emoji_token(glyph: str) -> str:
+    """An emoji as one word the full-text index keeps (`emoji01f415` for 🐕): both engines' parsers
+    drop symbols. Six hex digits a code point, variation selectors left out (🛋️ is 🛋)."""
+    return "emoji" + "".join(f"{ord(c):06x}" for c in glyph if c != "\ufe0f")
+
+
+def search_words(mappings: Sequence[Mapping[str, str]]) -> str:
+    """The `emoji_words` column the full-text index reads beside the caption: each mapped word,
+    then each emoji's token."""
+    return " ".join([*(m["word"].replace("_", " ") for m in mappings), *(emoji_token(m["emoji"]) for m in mappings)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +264,7 @@ class CaptionRepository:
             "text": new.texts[0] if new.texts else "",
             "texts": new.texts,
             "emoji_mappings": new.emoji_mappings,
-            "emoji_words": " ".join(m["word"].replace("_", " ") for m in new.emoji_mappings),
+            "emoji_words": search_words(new.emoji_mappings),
             "error": new.error,
             "processing_time": round(new.processing_time, 3),
             "source": new.sighting.source,
@@ -448,40 +459,26 @@ class CaptionRepository:
                     sightings.c.source_ref.startswith(f.path, autoescape=True),
                 )
             )
-        out.extend(self._has_emoji(glyph) for glyph in f.emojis)
-        if f.q:
-            words = [w.lower() for w in _SEARCH_WORD.findall(f.q)]
-            # "dog's" -> dog: lone letters only count when they are all the query has.
-            words = [w for w in words if len(w) > 1] or words
-            if words:
-                out.append(self._search(words))
+        words = [w.lower() for w in _SEARCH_WORD.findall(f.q or "")]
+        # "dog's" -> dog: lone letters only count when they are all the query has.
+        words = [w for w in words if len(w) > 1] or words
+        if words or f.emojis:
+            out.append(self._search(words, [emoji_token(glyph) for glyph in f.emojis]))
         return out
 
-    def _search(self, words: list[str]) -> Any:
-        # Every word must match; the last one as a prefix, so the search box works as you type.
+    def _search(self, words: list[str], exact: list[str]) -> Any:
+        # Every term must match; the last word as a prefix, so the search box works as you type.
+        prefix = words[-1:]
+        exact = [*exact, *words[:-1]]
         if self.dialect == "sqlite":
-            terms = [f'"{w}"' for w in words[:-1]] + [f'"{words[-1]}"*']
-            match = " ".join(terms)
+            match = " ".join([*(f'"{w}"' for w in exact), *(f'"{w}"*' for w in prefix)])
             return captions.c.id.in_(
                 select(literal_column("rowid"))
                 .select_from(text("captions_fts"))
                 .where(text("captions_fts MATCH :fts_query").bindparams(fts_query=match))
             )
-        query = " & ".join([*words[:-1], f"{words[-1]}:*"])
+        query = " & ".join([*exact, *(f"{w}:*" for w in prefix)])
         return text("captions.search @@ to_tsquery('simple', :ts_query)").bindparams(ts_query=query)
-
-    def _has_emoji(self, glyph: str) -> Any:
-        """The caption's mappings hold `glyph`, compared without variation selectors. A scan of the
-        mappings (no index): the newest page of a common emoji comes at once, a rare one costs a
-        pass over the captions the other filters leave."""
-        emoji: Any
-        if self.dialect == "sqlite":
-            mapping = func.json_each(captions.c.emoji_mappings).table_valued("value").alias("mapping")
-            emoji = func.json_extract(mapping.c.value, "$.emoji")
-        else:
-            mapping = func.json_array_elements(captions.c.emoji_mappings).table_valued("value").alias("mapping")
-            emoji = mapping.c.value.op("->>")("emoji")
-        return exists(select(1).select_from(mapping).where(func.replace(emoji, _VARIATION_SELECTOR, "") == glyph))
 
     def _ts(self, value: datetime) -> datetime:
         value = value if value.tzinfo else value.replace(tzinfo=UTC)
