@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import subprocess
 import threading
@@ -107,7 +108,9 @@ def test_migrations_create_the_schema_from_empty(db_url: str) -> None:
     engine.dispose()
 
 
-def test_an_upgrade_indexes_the_emojis_of_captions_stored_before_it_and_a_downgrade_undoes_it(db_url: str) -> None:
+def test_an_upgrade_indexes_the_emojis_of_captions_stored_before_it_and_a_downgrade_undoes_it(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     engine = make_engine(db_url)
     upgrade(engine, "0001")
     store = CaptionRepository(engine)
@@ -119,7 +122,12 @@ def test_an_upgrade_indexes_the_emojis_of_captions_stored_before_it_and_a_downgr
         return [i["id"] for i in store.query(CaptionFilter(emojis=("🛋",)))[0]]
 
     assert by_emoji() == []
-    upgrade(engine)
+    with caplog.at_level(logging.INFO, logger="blip2_service.store.migrate"):
+        upgrade(engine)
+        upgrade(engine)  # nothing to do: no second line
+    assert [r.getMessage().split(" in ")[0] for r in caplog.records] == [
+        "database schema upgraded from revision 0001 to revision 0002"
+    ]
     assert by_emoji() == [saved["id"]]
     assert [i["id"] for i in store.query(CaptionFilter(q="couch"))[0]] == [saved["id"]]
     config = alembic_config()

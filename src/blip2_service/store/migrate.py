@@ -90,7 +90,18 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
                 _relocate_from_public(connection, schema)
             config.attributes["connection"] = connection
             config.attributes["schema"] = schema
+            before = _revision_in(connection, schema)
+            started = time.monotonic()
             command.upgrade(config, revision)
+            after = _revision_in(connection, schema)
+            if after != before:
+                # A rewrite of stored rows can take a while on a large database: say what ran.
+                log.info(
+                    "database schema %s revision %s in %.1fs",
+                    f"upgraded from revision {before} to" if before else "created at",
+                    after,
+                    time.monotonic() - started,
+                )
     except sa_exc.ProgrammingError as exc:
         raise _clash(exc, schema) from None
     except CommandError as exc:
@@ -104,6 +115,13 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             f"the Alembic version table in schema {schema!r} is not this service's ({exc}); "
             "another application's migrations? set DB_SCHEMA to a schema of its own (default blip2)"
         ) from None
+
+
+def _revision_in(connection: Connection, schema: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    opts = {"version_table_schema": schema} if connection.dialect.name == "postgresql" else {}
+    return MigrationContext.configure(connection, opts=opts).get_current_revision()
 
 
 def _stored_revision(engine: Engine) -> str | None:
