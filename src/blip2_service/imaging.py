@@ -103,6 +103,11 @@ def decode_image(data: bytes, *, max_file_size: int, max_image_pixels: int, sha2
                 "HEIC/HEIF images need the optional pillow-heif package, not installed here: "
                 "pip install 'blip2-service[heif]', or send the image as JPEG"
             ) from None
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            raise UnsupportedImage(
+                "This TIFF cannot be read (damaged, or a layout such as floating-point colour?); "
+                "save it as 8- or 16-bit RGB"
+            ) from None
         raise UnsupportedImage(
             f"Not a supported image: send {FORMAT_NAMES} (the first bytes were {data[:8]!r})"
         ) from None

@@ -68,6 +68,12 @@ def test_without_the_heif_extra_a_heic_photo_gets_a_line_saying_what_to_install(
     assert "blip2-service[heif]" in out
 
 
+def test_a_tiff_pillow_cannot_read_is_named_as_a_tiff() -> None:
+    # A minimal little-endian TIFF header whose first directory is garbage: Pillow cannot identify it.
+    with pytest.raises(UnsupportedImage, match="This TIFF cannot be read"):
+        decode_image(b"II*\x00\x08\x00\x00\x00" + b"\xff" * 64, **LIMITS)
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "HEIF", "AVIF"])
 def test_exif_orientation_is_applied_once(fmt: str) -> None:
     assert heif_support()
