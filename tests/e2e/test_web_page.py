@@ -132,6 +132,24 @@ def test_the_page_lists_searches_and_updates_live(served: tuple[str, Runtime]) -
         assert page.locator("article.card").count() >= 1
         _shot(page, "search")
 
+        # an emoji on a card is a search for it: every card left holds that emoji, the clicked one too
+        page.fill("#q", "")
+        page.wait_for_function("n => document.querySelectorAll('article.card').length === n", arg=4, timeout=10000)
+        button = page.locator("article.card .emoji").first
+        emoji = button.inner_text()
+        button.click()
+        assert page.input_value("#q") == emoji
+        page.wait_for_function(
+            """e => {
+                const cards = [...document.querySelectorAll('article.card')];
+                const holds = c => [...c.querySelectorAll('.emoji')].some(b => b.textContent === e);
+                return cards.length > 0 && cards.every(holds);
+            }""",
+            arg=emoji,
+            timeout=10000,
+        )
+        assert not page.locator("dialog[open]").count()  # the click searched; it did not open the card
+
 
 def _stored_file(runtime: Runtime, folder: Path, seed: int) -> str:
     """An image kept as a file inside FILE_ROOTS and captioned from it (so it can be captioned again)."""
