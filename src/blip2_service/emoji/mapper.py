@@ -70,6 +70,8 @@ class EmojiMapper:
         of everything (a search with no words left was no filter at all).
         """
         rest = text.replace(_VARIATION_SELECTOR, "")
+        if rest.isascii():  # no emoji is: spare the search box's every keystroke the big pattern
+            return (), rest
         found: list[str] = []
         if self._glyph_re is not None:
             found.extend(self._glyph_re.findall(rest))
