@@ -90,10 +90,10 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
                 _relocate_from_public(connection, schema)
             config.attributes["connection"] = connection
             config.attributes["schema"] = schema
-            before = _revision_in(connection, schema)
+            before = _revision_in(connection)
             started = time.monotonic()
             command.upgrade(config, revision)
-            after = _revision_in(connection, schema)
+            after = _revision_in(connection)
             if after != before:
                 # A rewrite of stored rows can take a while on a large database: say what ran.
                 log.info(
@@ -117,11 +117,11 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         ) from None
 
 
-def _revision_in(connection: Connection, schema: str) -> str | None:
+def _revision_in(connection: Connection) -> str | None:
+    """The revision in the version table that the connection's search path (DB_SCHEMA) finds."""
     from alembic.runtime.migration import MigrationContext
 
-    opts = {"version_table_schema": schema} if connection.dialect.name == "postgresql" else {}
-    return MigrationContext.configure(connection, opts=opts).get_current_revision()
+    return MigrationContext.configure(connection).get_current_revision()
 
 
 def _stored_revision(engine: Engine) -> str | None:
@@ -176,7 +176,5 @@ def _clash(exc: sa_exc.ProgrammingError, schema: str | None) -> Exception:
 
 
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        return _revision_in(connection)
