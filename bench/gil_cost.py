@@ -9,12 +9,14 @@ The HTTP row serves the legacy route's shape (a 50 KB POST in, its JSON out) thr
 a trivial handler to a paced client in another process: aiohttp's own per-request cost.
 
   .venv/bin/python bench/gil_cost.py [--seconds 4]
+  .venv/bin/python bench/gil_cost.py --stages decode --size 4000x3000 --format HEIF   (an iPhone photo)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import multiprocessing
 import random
@@ -68,7 +70,23 @@ def _stage_loop(work: Callable[[], object], seconds: float) -> int:
     return calls
 
 
-def _stage(name: str, size: tuple[int, int]) -> Callable[[], object]:
+def _encoded(size: tuple[int, int], fmt: str) -> list[bytes]:
+    """The benchmark's photo-like JPEGs, saved again as `fmt` (same pixels, another decoder)."""
+    from blip2_service.imaging import heif_support
+
+    images = _jpegs(16 if size == (640, 480) else 2, size)
+    if fmt == "JPEG":
+        return images
+    heif_support()  # registers HEIF with Pillow, for saving too
+    out = []
+    for data in images:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).save(buf, format=fmt, **({} if fmt in ("PNG", "BMP") else {"quality": 80}))
+        out.append(buf.getvalue())
+    return out
+
+
+def _stage(name: str, size: tuple[int, int], fmt: str = "JPEG") -> Callable[[], object]:
     import torch
 
     from blip2_service.captioner.pixels import PixelPrep
@@ -79,7 +97,7 @@ def _stage(name: str, size: tuple[int, int]) -> Callable[[], object]:
     from blip2_service.store import CaptionRepository, ImageInfo, NewCaption, Sighting, make_engine, upgrade
 
     torch.set_num_threads(1)
-    images = _jpegs(16 if size == (640, 480) else 2, size)
+    images = _encoded(size, fmt)
     decoded = decode_image(images[0], **LIMITS)
     table = load_bundled()
     mapper = EmojiMapper(table.table, table.stopwords)
@@ -87,7 +105,8 @@ def _stage(name: str, size: tuple[int, int]) -> Callable[[], object]:
     settings = GenerationSettings(num_beams=1, max_new_tokens=20, min_new_tokens=20)
     counter = iter(range(1 << 62))
     if name == "decode":
-        distinct = [images[i % len(images)] + b"#%d" % i for i in range(64)]  # a new sha256 each
+        # A new sha256 each; bytes after a JPEG's end are ignored, not after every format's.
+        distinct = [images[i % len(images)] + (b"#%d" % i if fmt == "JPEG" else b"") for i in range(64)]
         return lambda: decode_image(distinct[next(counter) % 64], **LIMITS)
     if name in ("resize", "resize384"):
         prep = PixelPrep(_Processor(224 if name == "resize" else 384), torch.device("cpu"), torch.float32)
@@ -190,21 +209,21 @@ def _serve_http(seconds: float) -> int:
     return served
 
 
-def child(name: str, seconds: float, size: tuple[int, int]) -> None:
+def child(name: str, seconds: float, size: tuple[int, int], fmt: str) -> None:
     if name == "http":
         calls = _serve_http(seconds)
     else:
-        work = _stage(name, size)
+        work = _stage(name, size, fmt)
         work()
         calls = _stage_loop(work, seconds)
     print(json.dumps({"calls": calls, "seconds": seconds}), flush=True)
 
 
-def measure(name: str, seconds: float, pyspy: str, size: str) -> tuple[float, float]:
+def measure(name: str, seconds: float, pyspy: str, size: str, fmt: str = "JPEG") -> tuple[float, float]:
     """(GIL-held ms per call, wall ms per call), sampled by py-spy in a child process."""
     out = Path(tempfile.mkdtemp(prefix="gil-cost-")) / f"{name}.txt"
     cmd = [pyspy, "record", "--gil", "--nonblocking", "-r", str(RATE), "-f", "raw", "-o", str(out), "--"]
-    cmd += [sys.executable, __file__, "--child", name, "--seconds", str(seconds), "--size", size]
+    cmd += [sys.executable, __file__, "--child", name, "--seconds", str(seconds), "--size", size, "--format", fmt]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     report = json.loads(next(ln for ln in reversed(done.stdout.splitlines()) if ln.startswith("{")))
     marker = "run_forever" if name == "http" else "_stage_loop"
@@ -228,17 +247,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--stages", default=",".join(STAGES), help="a comma-separated subset of " + ", ".join(STAGES))
     parser.add_argument("--size", default="640x480", help="the JPEG's width x height (a phone photo: 4000x3000)")
+    parser.add_argument("--format", default="JPEG", help="the images' format: JPEG, PNG, WEBP, AVIF, HEIF (heif extra)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     if args.child:
-        child(args.child, args.seconds, (width, height))
+        child(args.child, args.seconds, (width, height), args.format.upper())
         return
     pyspy = str(Path(sys.executable).with_name("py-spy"))
+    print(f"{args.format.upper()} images, {args.size}")
     print(f"{'stage':40} {'GIL ms':>8} {'wall ms':>8}")
     total = 0.0
     for name in args.stages.split(","):
-        held, wall = measure(name, args.seconds, pyspy, args.size)
+        held, wall = measure(name, args.seconds, pyspy, args.size, args.format.upper())
         if name != "resize384":
             total += held
         print(f"{STAGES[name]:40} {held:8.3f} {wall:8.3f}", flush=True)
