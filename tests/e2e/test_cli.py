@@ -96,7 +96,7 @@ def test_caption_prints_json_lines_and_stores(tmp_path: Path, data_dir: Path) ->
 def test_db_upgrade_and_help(tmp_path: Path, data_dir: Path) -> None:
     env = _env(tmp_path, data_dir)
     result = _cli("db", "upgrade", env=env, cwd=tmp_path)
-    assert result.returncode == 0 and "revision 0001" in result.stdout
+    assert result.returncode == 0 and "revision 0002" in result.stdout
     for command in ("serve", "watch", "consume", "caption", "publish", "db", "emoji"):
         shown = _cli(command, "--help", env=env, cwd=tmp_path)
         assert shown.returncode == 0 and "usage: blip2-service" in shown.stdout

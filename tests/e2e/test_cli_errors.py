@@ -97,7 +97,7 @@ def test_a_database_that_comes_up_20_seconds_late_is_waited_for(tmp_path: Path, 
         starter.cancel()
         proxy.stop()
     assert done.returncode == 0, done.stderr
-    assert time.monotonic() - started >= 19 and "database at revision 0001" in done.stdout
+    assert time.monotonic() - started >= 19 and "database at revision 0002" in done.stdout
     assert "waiting for the database" in done.stderr
 
 
