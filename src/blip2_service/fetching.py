@@ -18,8 +18,10 @@ from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from .config import Settings
-from .domain import BadInput, FetchFailed, Forbidden, TooLarge
+from .domain import BadInput, FetchFailed, Forbidden, TooLarge, Unsupported
 from .intake import AddressPolicy, parse_host, parse_networks, public_url
+
+_PAGE_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 
 
 class _ForbiddenAddress(OSError):
@@ -117,7 +119,14 @@ class UrlFetcher:
             if total > self.max_bytes:
                 raise TooLarge(f"The image at {shown} is over MAX_FILE_SIZE={self.max_bytes} bytes")
             chunks.append(chunk)
-        return b"".join(chunks)
+        data = b"".join(chunks)
+        if resp.content_type in _PAGE_TYPES and data.lstrip()[:1] == b"<":
+            # The commonest ?url= mistake: the page an image is shown on, not the image.
+            raise Unsupported(
+                f"{shown} is a web page ({resp.content_type}), not an image; give the image's own URL "
+                "(in a browser: right-click the image, Copy Image Address)"
+            )
+        return data
 
     @staticmethod
     def _parse(url: str) -> URL:

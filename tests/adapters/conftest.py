@@ -88,6 +88,12 @@ async def images_site(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> T
     async def text(_r: web.Request) -> web.Response:
         return web.Response(text="hello")
 
+    async def page(_r: web.Request) -> web.Response:
+        return web.Response(text="\n<!DOCTYPE html><html><img src='/img.jpg'></html>", content_type="text/html")
+
+    async def mislabelled(_r: web.Request) -> web.Response:  # an image a careless server calls a page
+        return web.Response(body=image_bytes(7), content_type="text/html")
+
     app = web.Application()
     app.router.add_get("/img.jpg", jpg)
     app.router.add_get("/huge", huge)
@@ -95,4 +101,6 @@ async def images_site(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> T
     app.router.add_get("/hop", hop)
     app.router.add_get("/slow", slow)
     app.router.add_get("/text", text)
+    app.router.add_get("/page", page)
+    app.router.add_get("/mislabelled.jpg", mislabelled)
     return await aiohttp_server(app)

@@ -247,6 +247,17 @@ async def test_502_when_the_url_cannot_be_fetched(service: Any, images_site: Tes
     assert resp.status == 502
 
 
+async def test_a_web_page_url_is_refused_saying_so_and_an_image_served_as_a_page_is_captioned(
+    service: Any, images_site: TestServer
+) -> None:
+    client = await service(allow_private_urls=True)
+    resp = await client.get("/v3/analyze", params={"url": str(images_site.make_url("/page"))})
+    assert resp.status == 415
+    _assert_legacy_error(await resp.json(), "is a web page (text/html), not an image; give the image's own URL")
+    resp = await client.get("/v3/analyze", params={"url": str(images_site.make_url("/mislabelled.jpg"))})
+    assert resp.status == 200
+
+
 async def test_503_with_retry_after_while_loading_and_when_overloaded(
     service: Any, tiny_model: Any, roots: Path, loaded_holder: ModelHolder, monkeypatch: pytest.MonkeyPatch
 ) -> None:

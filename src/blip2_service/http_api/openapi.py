@@ -33,7 +33,7 @@ _MEANING = {
     408: "the request body did not arrive within REQUEST_TIMEOUT",
     413: "a body, file, download or pixel count over MAX_FILE_SIZE / MAX_IMAGE_PIXELS",
     415: "not a supported image (JPEG, PNG, GIF, BMP, WebP, TIFF, AVIF; HEIC with the heif extra), "
-    "or an unsupported Content-Type",
+    "a ?url= that serves a web page, or an unsupported Content-Type",
     422: "an image that cannot be decoded (stored as failed)",
     502: "the URL could not be fetched; behind a gateway (INFERENCE=queue) also: a worker's reply could not be "
     "read (a worker of another version)",
