@@ -7,7 +7,8 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -136,17 +137,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def iter_images(paths: Sequence[Path]) -> Iterator[Path]:
-    """Files as given; folders walked recursively for image suffixes, in a stable order."""
+def find_images(paths: Sequence[Path]) -> list[Path]:
+    """Files as given; folders walked recursively for image suffixes, in a stable order. The
+    other files a folder holds are named on stderr by suffix, once, so that none is left out
+    without a word (a .heic where the suffix was not yet known was such a file)."""
     from .imaging import IMAGE_SUFFIXES
 
+    found: list[Path] = []
+    skipped: Counter[str] = Counter()
     for path in paths:
-        if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES and not child.name.startswith("."):
-                    yield child
-        else:
-            yield path
+        if not path.is_dir():
+            found.append(path)
+            continue
+        for child in sorted(path.rglob("*")):
+            if not child.is_file() or child.name.startswith("."):
+                continue
+            if child.suffix.lower() in IMAGE_SUFFIXES:
+                found.append(child)
+            else:
+                skipped[child.suffix.lower() or "(no suffix)"] += 1
+    if skipped:
+        kinds = ", ".join(f"{n} {suffix}" for suffix, n in skipped.most_common())
+        print(f"blip2-service: skipped, not images by their names: {kinds}", file=sys.stderr)
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,20 +255,21 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
     from .outcome import cli_line
     from .runtime import Runtime
 
-    files = list(iter_images(args.paths))
+    files = find_images(args.paths)
     if not files:
         print("blip2-service: no images found in the given paths", file=sys.stderr)
         return 1
     runtime = Runtime(settings)
     runtime.start(background_model=False)
     generation = dataclasses.replace(settings.generation(), prompt=args.prompt or None)
-    failures = 0
+    failures = stored = 0
     pending: list[tuple[Path, Any]] = []
 
     def emit(path: Path, result: CaptionResult | BaseException) -> None:
-        nonlocal failures
+        nonlocal failures, stored
         line = cli_line(str(path), result)
         failures += 0 if line["status"] == "succeeded" else 1
+        stored += 1 if line.get("cached") else 0
         print(json_text(line), flush=True)
 
     try:
@@ -292,6 +306,7 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
                 emit(done_path, error if error is not None else done.result())
     finally:
         runtime.stop()
+    print(f"caption: {len(files) - failures} succeeded ({stored} already stored), {failures} failed", file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -306,7 +321,7 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     return publish_paths(
         settings,
-        list(iter_images(args.paths)),
+        find_images(args.paths),
         embed=args.embed,
         wait=args.wait,
         prompt=args.prompt,

@@ -70,8 +70,12 @@ def test_caption_prints_json_lines_and_stores(tmp_path: Path, data_dir: Path) ->
     assert by_name["broken.jpg"]["status"] == "failed" and "decoded" in by_name["broken.jpg"]["error"]
     assert result.returncode == 1  # one image failed
     assert _count(env["DATABASE_URL"]) == 3
+    # stderr says what the folder held besides images, and how it went
+    assert "skipped, not images by their names: 1 .txt" in result.stderr
+    assert result.stderr.rstrip().endswith("caption: 2 succeeded (0 already stored), 1 failed")
     again = _cli("caption", str(photos / "a.jpg"), env=env, cwd=tmp_path)
     assert again.returncode == 0 and json.loads(again.stdout)["cached"] is True
+    assert again.stderr.rstrip().endswith("caption: 1 succeeded (1 already stored), 0 failed")
     # An unreadable path is reported in its place among the others, not as soon as it is read.
     mixed = _cli(
         "caption", str(photos / "a.jpg"), str(photos / "gone.jpg"), str(photos / "sub" / "b.png"), env=env, cwd=tmp_path
