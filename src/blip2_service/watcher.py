@@ -52,6 +52,7 @@ TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download", "~")
 Publish = Callable[[dict[str, Any]], None]
 StatFn = Callable[[Path], tuple[int, float] | None]
 FOLDER_CHECK_SECONDS = 1.0  # how often each watched folder's identity is checked (one stat)
+_SKIPPED_REMEMBERED = 10_000  # skipped paths remembered, so each is counted once
 _SYMLINK_SKIPPED = "skipping %s: %s (set WATCH_FOLLOW_SYMLINKS=true to follow it)"
 
 
@@ -226,7 +227,10 @@ class FolderWatcher:
         self._stop = threading.Event()
         self.catch_up_done = threading.Event()
         self._worker = threading.Thread(target=self._run, name="watcher", daemon=True)
-        self._skipped_logged: set[Path] = set()
+        # Sidecars (.xmp, .aae, a Takeout .json per photo) can outnumber the photos: one line per
+        # kind of name, and the paths counted once each within a bounded memory.
+        self._skipped_kinds: set[str] = set()
+        self._skipped_paths: set[Path] = set()
         self._inflight: set[Future[CaptionResult]] = set()
         self._inflight_lock = threading.Lock()
         self._retry_at: dict[Path, float] = {}
@@ -355,13 +359,27 @@ class FolderWatcher:
         if is_temporary(path) or any(part.startswith(".") for part in path.parts[-3:-1]):
             return
         if not is_image_name(path):
-            if path not in self._skipped_logged:
-                self._skipped_logged.add(path)
-                self.stats.skipped += 1
-                self.metrics.watch_files.labels("skipped").inc()
-                log.info("skipping %s: not an image (by its name)", path)
+            self._skip(path)
             return
         self.tracker.touch(path)
+
+    def _skip(self, path: Path) -> None:
+        if path in self._skipped_paths:
+            return
+        if len(self._skipped_paths) >= _SKIPPED_REMEMBERED:
+            self._skipped_paths.clear()  # a path seen again after this is counted again
+        self._skipped_paths.add(path)
+        self.stats.skipped += 1
+        self.metrics.watch_files.labels("skipped").inc()
+        kind = path.suffix.lower() or "(no suffix)"
+        if kind not in self._skipped_kinds:
+            self._skipped_kinds.add(kind)
+            log.info(
+                "skipping %s: not an image (by its name); further %s files are skipped without a line, "
+                'counted in blip2_watch_files_total{outcome="skipped"}',
+                path,
+                kind,
+            )
 
     def gone(self, path: Path) -> None:
         self.tracker.forget(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -124,17 +125,24 @@ def test_part_files_wait_for_their_rename_and_duplicates_are_one_caption(
 
 
 def test_non_images_are_skipped_broken_images_fail_and_deletes_keep_captions(
-    start_watcher: Callable[..., FolderWatcher], sqlite_store: CaptionRepository, tmp_path: Path
+    start_watcher: Callable[..., FolderWatcher],
+    sqlite_store: CaptionRepository,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="blip2_service.watcher")
     inbox = tmp_path / "inbox"
     watcher = start_watcher(inbox)
-    (inbox / "notes.txt").write_text("not an image")
+    for name in ("notes.txt", "todo.txt", "good.xmp"):  # sidecars: one line per kind, each counted
+        (inbox / name).write_text("not an image")
     (inbox / "broken.jpg").write_bytes(image_bytes(9, size=(200, 200))[:1500])
     (inbox / "good.jpg").write_bytes(image_bytes(10))
     wait_until(lambda: _count(sqlite_store) == 2, 30, "two results")
     failed, _ = sqlite_store.query(CaptionFilter(status="failed"))
     assert len(failed) == 1 and failed[0]["source_ref"].endswith("broken.jpg") and failed[0]["error"]
-    assert watcher.stats.skipped == 1
+    assert watcher.stats.skipped == 3
+    lines = [r.getMessage() for r in caplog.records if "not an image" in r.getMessage()]
+    assert len(lines) == 2 and any(".txt files are skipped" in x for x in lines), lines
     (inbox / "good.jpg").unlink()
     sha = hashlib.sha256(image_bytes(10)).hexdigest()
 
