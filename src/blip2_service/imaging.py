@@ -101,7 +101,7 @@ def decode_image(data: bytes, *, max_file_size: int, max_image_pixels: int, sha2
         if not heif and data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
             raise UnsupportedImage(
                 "HEIC/HEIF images need the optional pillow-heif package, not installed here: "
-                "pip install 'blip2-service[heif]', or send the image as JPEG"
+                "pip install pillow-heif (the heif extra), or send the image as JPEG"
             ) from None
         if data[:4] in (b"II*\x00", b"MM\x00*"):
             raise UnsupportedImage(
