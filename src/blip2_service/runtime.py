@@ -28,6 +28,7 @@ from .fetching import UrlFetcher
 from .http_api.app import make_app, make_probe_app
 from .http_api.capped_site import CappedSite, connection_ceiling, raise_open_file_limit
 from .http_api.context import HttpContext
+from .imaging import heif_support
 from .metrics import Metrics
 from .pipeline import CaptionPipeline, PipelineLimits, auto_prepare_workers
 from .store import CaptionRepository, make_engine
@@ -131,6 +132,8 @@ class Runtime:
             self.gateway.start()
             self._closables.append(self.gateway.stop)
             return
+        if not heif_support():  # said once at start, where images are decoded, not per photo
+            log.info("HEIC/HEIF photos will be refused: pillow-heif is not installed (pip install pillow-heif)")
         if self.holder.status == "loaded" or not load_model:
             pass
         elif background_model:

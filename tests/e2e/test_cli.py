@@ -11,8 +11,10 @@ import time
 import uuid
 from pathlib import Path
 
+from PIL import Image
 from sqlalchemy import func, select
 
+from blip2_service.imaging import heif_support
 from blip2_service.store import CaptionFilter, CaptionRepository, make_engine, upgrade
 from blip2_service.store.tables import captions
 
@@ -95,6 +97,23 @@ def test_caption_prints_json_lines_and_stores(tmp_path: Path, data_dir: Path) ->
     assert named.returncode == 0, named.stderr[-2000:]
     assert json.loads(named.stdout)["path"] == f"{photos}/\\xffc.jpg"
     assert json.loads(named.stdout)["status"] == "succeeded"
+
+
+def test_without_the_heif_extra_a_heic_is_said_at_start_and_recorded_as_failed_with_what_to_do(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    blocked = tmp_path / "no-heif"
+    blocked.mkdir()
+    (blocked / "pillow_heif.py").write_text("raise ImportError('the heif extra is not installed')\n")
+    photo = tmp_path / "IMG_0001.HEIC"
+    heif_support()  # registers the encoder here, in the test's process
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(photo, format="HEIF")
+    env = _env(tmp_path, data_dir, PYTHONPATH=f"{blocked}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    result = _cli("caption", str(photo), env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "HEIC/HEIF photos will be refused: pillow-heif is not installed" in result.stderr
+    line = json.loads(result.stdout)
+    assert line["status"] == "failed" and "pip install pillow-heif" in line["error"]
 
 
 def test_db_upgrade_and_help(tmp_path: Path, data_dir: Path) -> None:
