@@ -67,7 +67,8 @@ WORDS = [
     "laptop",
 ]
 SETTINGS = GenerationSettings()
-MAPPER = EmojiMapper(load_bundled().table, load_bundled().stopwords)
+_TABLE = load_bundled()
+MAPPER = EmojiMapper(_TABLE.table, _TABLE.stopwords)
 
 
 def mappings(text_: str) -> list[dict[str, str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..imaging import FORMAT_NAMES
 from ..intake import MAX_PATH_CHARS, MAX_PROMPT_CHARS
 from ..store.repository import MAX_ID
 
@@ -32,8 +33,8 @@ _MEANING = {
     404: "not found",
     408: "the request body did not arrive within REQUEST_TIMEOUT",
     413: "a body, file, download or pixel count over MAX_FILE_SIZE / MAX_IMAGE_PIXELS",
-    415: "not a supported image (JPEG, PNG, GIF, BMP, WebP, TIFF, AVIF; HEIC with the heif extra), "
-    "a ?url= that serves a web page, or an unsupported Content-Type",
+    415: f"not a supported image ({FORMAT_NAMES}; HEIC with the heif extra), a ?url= that serves a web "
+    "page, or an unsupported Content-Type",
     422: "an image that cannot be decoded (stored as failed)",
     502: "the URL could not be fetched; behind a gateway (INFERENCE=queue) also: a worker's reply could not be "
     "read (a worker of another version)",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy import exc as sa_exc
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 OUR_TABLES = ("alembic_version", "images", "sightings", "captions")
-OUR_REVISIONS = frozenset({"0001", "0002"})
 _OUR_NAMING = re.compile(r"[0-9]{4}")  # how this service names its revisions; others' are hashes
 
 
@@ -38,6 +38,11 @@ def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
     return config
+
+
+def our_revisions() -> frozenset[str]:
+    """Every revision in this version's migrations folder (read from it, so a new one counts)."""
+    return frozenset(script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions())
 
 
 class StoreUnavailable(StoreSetupError):
@@ -109,7 +114,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         if found is not None and _OUR_NAMING.fullmatch(found):
             raise StoreSetupError(
                 f"the database is at revision {found}, migrated by a newer blip2-service than this one "
-                f"(which knows up to {max(OUR_REVISIONS)}); run that version here too"
+                f"(which knows up to {max(our_revisions())}); run that version here too"
             ) from None
         raise StoreSetupError(
             f"the Alembic version table in schema {schema!r} is not this service's ({exc}); "
@@ -152,7 +157,7 @@ def _relocate_from_public(connection: Connection, schema: str) -> None:
             "AND table_name = 'captions' AND column_name IN ('settings_key', 'emoji_words')"
         )
     ).scalar_one()
-    if version not in OUR_REVISIONS or has_ours != 2:
+    if version not in our_revisions() or has_ours != 2:
         return  # another application's tables of the same names: leave them alone
     for table in OUR_TABLES:
         connection.exec_driver_sql(f"ALTER TABLE public.{table} SET SCHEMA {quote_identifier(schema)}")
