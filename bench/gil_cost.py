@@ -10,6 +10,7 @@ a trivial handler to a paced client in another process: aiohttp's own per-reques
 
   .venv/bin/python bench/gil_cost.py [--seconds 4]
   .venv/bin/python bench/gil_cost.py --stages decode --size 4000x3000 --format HEIF   (an iPhone photo)
+  .venv/bin/python bench/gil_cost.py --stages decode,resize,thumbnail --icc p3   (tagged Display P3)
 """
 
 from __future__ import annotations
@@ -70,23 +71,32 @@ def _stage_loop(work: Callable[[], object], seconds: float) -> int:
     return calls
 
 
-def _encoded(size: tuple[int, int], fmt: str) -> list[bytes]:
-    """The benchmark's photo-like JPEGs, saved again as `fmt` (same pixels, another decoder)."""
+def _encoded(size: tuple[int, int], fmt: str, icc: str = "") -> list[bytes]:
+    """The benchmark's photo-like JPEGs, saved again as `fmt` (same pixels, another decoder),
+    tagged with a colour profile when `icc` names one (p3: an iPhone's Display P3)."""
     from blip2_service.imaging import heif_support
 
     images = _jpegs(16 if size == (640, 480) else 2, size)
-    if fmt == "JPEG":
+    if fmt == "JPEG" and not icc:
         return images
+    tag: dict[str, object] = {}
+    if icc:
+        assert icc == "p3", icc
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.icc_profiles import display_p3
+
+        tag = {"icc_profile": display_p3()}
     heif_support()  # registers HEIF with Pillow, for saving too
     out = []
     for data in images:
         buf = io.BytesIO()
-        Image.open(io.BytesIO(data)).save(buf, format=fmt, **({} if fmt in ("PNG", "BMP") else {"quality": 80}))
+        quality = {} if fmt in ("PNG", "BMP") else {"quality": 80}
+        Image.open(io.BytesIO(data)).save(buf, format=fmt, **quality, **tag)
         out.append(buf.getvalue())
     return out
 
 
-def _stage(name: str, size: tuple[int, int], fmt: str = "JPEG") -> Callable[[], object]:
+def _stage(name: str, size: tuple[int, int], fmt: str = "JPEG", icc: str = "") -> Callable[[], object]:
     import torch
 
     from blip2_service.captioner.pixels import PixelPrep
@@ -97,7 +107,7 @@ def _stage(name: str, size: tuple[int, int], fmt: str = "JPEG") -> Callable[[], 
     from blip2_service.store import CaptionRepository, ImageInfo, NewCaption, Sighting, make_engine, upgrade
 
     torch.set_num_threads(1)
-    images = _encoded(size, fmt)
+    images = _encoded(size, fmt, icc)
     decoded = decode_image(images[0], **LIMITS)
     table = load_bundled()
     mapper = EmojiMapper(table.table, table.stopwords)
@@ -209,21 +219,22 @@ def _serve_http(seconds: float) -> int:
     return served
 
 
-def child(name: str, seconds: float, size: tuple[int, int], fmt: str) -> None:
+def child(name: str, seconds: float, size: tuple[int, int], fmt: str, icc: str) -> None:
     if name == "http":
         calls = _serve_http(seconds)
     else:
-        work = _stage(name, size, fmt)
+        work = _stage(name, size, fmt, icc)
         work()
         calls = _stage_loop(work, seconds)
     print(json.dumps({"calls": calls, "seconds": seconds}), flush=True)
 
 
-def measure(name: str, seconds: float, pyspy: str, size: str, fmt: str = "JPEG") -> tuple[float, float]:
+def measure(name: str, seconds: float, pyspy: str, size: str, fmt: str = "JPEG", icc: str = "") -> tuple[float, float]:
     """(GIL-held ms per call, wall ms per call), sampled by py-spy in a child process."""
     out = Path(tempfile.mkdtemp(prefix="gil-cost-")) / f"{name}.txt"
     cmd = [pyspy, "record", "--gil", "--nonblocking", "-r", str(RATE), "-f", "raw", "-o", str(out), "--"]
-    cmd += [sys.executable, __file__, "--child", name, "--seconds", str(seconds), "--size", size, "--format", fmt]
+    cmd += [sys.executable, __file__, "--child", name, "--seconds", str(seconds), "--size", size]
+    cmd += ["--format", fmt, "--icc", icc]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     report = json.loads(next(ln for ln in reversed(done.stdout.splitlines()) if ln.startswith("{")))
     marker = "run_forever" if name == "http" else "_stage_loop"
@@ -248,18 +259,19 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGES), help="a comma-separated subset of " + ", ".join(STAGES))
     parser.add_argument("--size", default="640x480", help="the JPEG's width x height (a phone photo: 4000x3000)")
     parser.add_argument("--format", default="JPEG", help="the images' format: JPEG, PNG, WEBP, AVIF, HEIF (heif extra)")
+    parser.add_argument("--icc", default="", help="tag the images with a colour profile: p3 (an iPhone's Display P3)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     if args.child:
-        child(args.child, args.seconds, (width, height), args.format.upper())
+        child(args.child, args.seconds, (width, height), args.format.upper(), args.icc)
         return
     pyspy = str(Path(sys.executable).with_name("py-spy"))
-    print(f"{args.format.upper()} images, {args.size}")
+    print(f"{args.format.upper()} images, {args.size}" + (f", tagged {args.icc}" if args.icc else ""))
     print(f"{'stage':40} {'GIL ms':>8} {'wall ms':>8}")
     total = 0.0
     for name in args.stages.split(","):
-        held, wall = measure(name, args.seconds, pyspy, args.size, args.format.upper())
+        held, wall = measure(name, args.seconds, pyspy, args.size, args.format.upper(), args.icc)
         if name != "resize384":
             total += held
         print(f"{STAGES[name]:40} {held:8.3f} {wall:8.3f}", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -140,3 +141,28 @@ async def test_bad_filters_are_400_with_a_clear_message(client: Any, query: str,
     resp = await client.get(f"/captions?{query}")
     assert resp.status == 400
     assert fragment in (await resp.json())["error"]["message"]
+
+
+async def test_a_wide_gamut_photo_is_captioned_and_shown_as_the_same_picture_in_srgb(client: Any) -> None:
+    """A Display P3 photo (an iPhone's) and the same picture saved in sRGB: one caption, one
+    thumbnail colour. Read without its profile the P3 one was washed out, for the model and on
+    the page."""
+    from PIL import Image
+
+    from ..icc_profiles import P3_ORANGE, P3_ORANGE_IN_SRGB, display_p3
+
+    def png(colour: tuple[int, int, int], **extra: Any) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (640, 480), colour).save(out, "PNG", **extra)
+        return out.getvalue()
+
+    bodies = []
+    for data in (png(P3_ORANGE, icc_profile=display_p3()), png(P3_ORANGE_IN_SRGB)):
+        resp = await client.post("/v3/analyze", data=data, headers={"Content-Type": "image/png"})
+        assert resp.status == 200
+        bodies.append(await resp.json())
+    wide, srgb = bodies
+    assert wide["predictions"] == srgb["predictions"]
+    thumb = await client.get(f"/images/{wide['metadata']['image_sha256']}/thumbnail")
+    pixel = Image.open(io.BytesIO(await thumb.read())).getpixel((120, 90))
+    assert isinstance(pixel, tuple) and all(abs(a - b) <= 3 for a, b in zip(pixel, P3_ORANGE_IN_SRGB, strict=True))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from blip2_service.imaging import (
     ImageTooLarge,
@@ -16,7 +16,10 @@ from blip2_service.imaging import (
     heif_support,
     make_thumbnail,
     sha256_of,
+    to_srgb,
 )
+
+from ..icc_profiles import P3_ORANGE, P3_ORANGE_IN_SRGB, cmyk_profile, display_p3
 
 LIMITS = {"max_file_size": 5_000_000, "max_image_pixels": 4_000_000}
 
@@ -209,3 +212,59 @@ def test_thumbnail_falls_back_to_a_temporary_file_where_memfd_is_refused(monkeyp
 
     monkeypatch.setattr(os, "memfd_create", refused, raising=False)
     assert make_thumbnail(photo) == expected
+
+
+def _close(pixel: object, expected: tuple[int, ...], within: int = 2) -> bool:
+    assert isinstance(pixel, tuple)
+    return all(abs(a - b) <= within for a, b in zip(pixel, expected, strict=True))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF", "AVIF", "HEIF"])
+def test_a_wide_gamut_photo_is_brought_into_srgb_for_the_model_and_its_thumbnail(fmt: str) -> None:
+    """An iPhone tags its photos Display P3: read as sRGB they are washed out, to the model and
+    on the page (a browser takes an untagged JPEG thumbnail for sRGB)."""
+    extra: dict[str, object] = {"lossless": True} if fmt == "WEBP" else {"quality": 100} if fmt == "JPEG" else {}
+    photo = Image.new("RGB", (600, 400), P3_ORANGE)
+    decoded = decode_image(_encode(photo, fmt, icc_profile=display_p3(), **extra), **LIMITS)
+    thumb = Image.open(io.BytesIO(make_thumbnail(decoded.image)))
+    assert thumb.size == (256, 171) and "icc_profile" not in thumb.info
+    assert _close(thumb.getpixel((100, 80)), P3_ORANGE_IN_SRGB, within=3)  # a JPEG of its own
+    small = to_srgb(decoded.image.resize((224, 224)))  # what the captioner does
+    assert _close(small.getpixel((100, 100)), P3_ORANGE_IN_SRGB)
+    assert to_srgb(small) is small  # converted once
+
+
+def test_srgb_untagged_and_unreadable_profiles_leave_the_pixels_alone() -> None:
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for profile in (srgb, None, b"not an ICC profile at all", display_p3()[:200]):
+        extra = {"icc_profile": profile} if profile else {}
+        decoded = decode_image(_encode(Image.new("RGB", (64, 48), P3_ORANGE), "PNG", **extra), **LIMITS)
+        assert "icc_profile" not in decoded.image.info  # nothing for to_srgb to do
+        assert to_srgb(decoded.image) is decoded.image
+        assert Image.open(io.BytesIO(make_thumbnail(decoded.image))).getpixel((5, 5)) == P3_ORANGE
+
+
+def test_a_profile_for_other_pixels_than_the_images_is_ignored() -> None:
+    # A greyscale PNG carrying an RGB profile: the pixels are used as they are, not misread.
+    decoded = decode_image(_encode(Image.new("L", (64, 48), 90), "PNG", icc_profile=display_p3()), **LIMITS)
+    assert decoded.image.getpixel((3, 3)) == (90, 90, 90) and "icc_profile" not in decoded.image.info
+
+
+def test_cmyk_with_its_printers_profile_is_converted_through_it() -> None:
+    """Pillow's own CMYK conversion ignores the profile: full cyan ink became (0, 255, 255)."""
+    cyan_lab = (55.0, -37.0, -50.0)
+    corners = [(0.0, 0.0, 0.0) if i & 1 else cyan_lab if i == 8 else (50.0, 0.0, 0.0) for i in range(16)]
+    profile = cmyk_profile(corners)
+    data = _encode(Image.new("CMYK", (64, 48), (255, 0, 0, 0)), "JPEG", icc_profile=profile, quality=100)
+    decoded = decode_image(data, **LIMITS)
+    # The same Lab colour taken to sRGB by another road: a Lab image (a and b offset by 128).
+    lightness, a, b = cyan_lab
+    lab = Image.new("LAB", (1, 1), (round(lightness * 255 / 100), round(a + 128), round(b + 128)))
+    expected = ImageCms.profileToProfile(
+        lab, ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), outputMode="RGB"
+    )
+    assert expected is not None and _close(expected.getpixel((0, 0)), (0, 151, 218), within=8)  # a print cyan
+    assert _close(decoded.image.getpixel((10, 10)), expected.getpixel((0, 0)))  # type: ignore[arg-type]
+    assert "icc_profile" not in decoded.image.info  # already sRGB
+    untagged = decode_image(_encode(Image.new("CMYK", (64, 48), (255, 0, 0, 0)), "JPEG", quality=100), **LIMITS)
+    assert _close(untagged.image.getpixel((10, 10)), (0, 255, 255))  # no profile: Pillow's conversion

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..imaging import to_srgb
+
 
 def _mirrorable(processor: Any) -> bool:
     size = getattr(processor, "size", None) or {}
@@ -51,12 +53,16 @@ class PixelPrep:
             self.std = torch.tensor(processor.image_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
     def prepare(self, image: Image.Image) -> Any:
-        """One RGB image -> uint8 [H, W, 3] at the model's size (or the processor's float [3, H, W])."""
+        """One RGB image -> uint8 [H, W, 3] at the model's size (or the processor's float [3, H, W]).
+
+        Brought into sRGB after the resize (`imaging.to_srgb`): a wide-gamut photo costs a 224x224
+        colour conversion, not a full-size one.
+        """
         import torch
 
         if not self.fast:
-            return self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
-        resized = image.resize((self.width, self.height), resample=self.resample)
+            return self.processor(images=[to_srgb(image)], return_tensors="pt")["pixel_values"][0]
+        resized = to_srgb(image.resize((self.width, self.height), resample=self.resample))
         return torch.from_numpy(np.array(resized, dtype=np.uint8))
 
     def batch(self, items: list[Any]) -> Any:
