@@ -115,6 +115,58 @@ async def test_prompt_num_captions_and_store_false(service: Any) -> None:
     assert page["items"] == []
 
 
+def _form(image: bytes, *fields: tuple[str, str], before: tuple[tuple[str, str], ...] = ()) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    for name, value in before:
+        form.add_field(name, value)
+    form.add_field("file", image, filename="photo.jpg", content_type="image/jpeg")
+    for name, value in fields:
+        form.add_field(name, value)
+    return form
+
+
+async def test_options_in_the_form_count_like_the_query_before_or_after_the_file(service: Any) -> None:
+    """`curl -F file=@x.jpg -F prompt=...` had its prompt dropped without a word: a caption of
+    something else than was asked. Fields that are not options are still skipped (legacy)."""
+    client = await service()
+    by_query = await (
+        await client.post("/v3/analyze?prompt=a+photo+of&store=false", data=_form(image_bytes(13)))
+    ).json()
+    by_form = await (
+        await client.post(
+            "/v3/analyze",
+            data=_form(image_bytes(13), ("prompt", "a photo of"), ("legacy_extra", "x"), before=(("store", "false"),)),
+        )
+    ).json()
+    plain = await (await client.post("/v3/analyze?store=false", data=_form(image_bytes(13)))).json()
+    assert by_form["predictions"] == by_query["predictions"] != plain["predictions"]
+    assert "record_id" not in by_form["metadata"]  # store=false from the form, before the file
+    three = await client.post("/v3/analyze?num_captions=3", data=_form(image_bytes(14), ("num_captions", "3")))
+    assert three.status == 200 and len((await three.json())["predictions"]) == 3  # the same value twice: fine
+    assert (await (await client.get("/captions")).json())["items"][0]["image_sha256"] == (
+        (await three.json())["metadata"]["image_sha256"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "fields", "fragment"),
+    [
+        ("?num_captions=2", (("num_captions", "3"),), "num_captions is given in the query ('2') and in the form ('3')"),
+        ("", (("prompt", "a"), ("prompt", "b")), "The form gives prompt twice"),
+        ("", (("num_captions", "9"),), "num_captions=9 is out of range"),
+        ("", (("refresh", "perhaps"),), "refresh='perhaps' is not a boolean"),
+        ("", (("prompt", "x" * 5000),), "The form field prompt is over 4096 bytes"),
+        ("", (("prompt", "y" * 600),), "prompt is 600 characters"),
+    ],
+)
+async def test_bad_options_in_the_form_are_400(service: Any, query: str, fields: Any, fragment: str) -> None:
+    client = await service()
+    resp = await client.post(f"/v3/analyze{query}", data=_form(image_bytes(15), *fields))
+    assert resp.status == 400
+    _assert_legacy_error(await resp.json(), fragment)
+    assert (await (await client.get("/captions")).json())["items"] == []
+
+
 # -- every error status -----------------------------------------------------------------------
 
 

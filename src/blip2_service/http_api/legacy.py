@@ -18,6 +18,7 @@ from ..domain import (
     CaptionRequest,
     GenerationSettings,
     Source,
+    TooLarge,
     TransientError,
     Unsupported,
 )
@@ -54,25 +55,28 @@ def generation_from_query(query: Mapping[str, str], defaults: GenerationSettings
     return dataclasses.replace(defaults, prompt=prompt, num_captions=num)
 
 
-async def _read_upload(request: web.Request, limit: int, deadline: float) -> tuple[bytes, str]:
+# The options a form may carry beside its file (`curl -F file=@x.jpg -F prompt=...`), read as if
+# they were in the query. Other fields are skipped, as the legacy service skipped them.
+FORM_OPTIONS = ("prompt", "num_captions", "store", "refresh")
+FORM_OPTION_BYTES = 4096
+
+
+@dataclasses.dataclass
+class Upload:
+    data: bytes
+    ref: str
+    options: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+async def _read_upload(request: web.Request, limit: int, deadline: float) -> Upload:
     ctype = request.content_type
     check_size(request.content_length, limit)
     try:
         if ctype.startswith("multipart/"):
             async with body_deadline(deadline):
-                try:
-                    reader = await request.multipart()
-                except (ValueError, AssertionError, KeyError) as exc:
-                    raise BadInput(
-                        f"The multipart body cannot be read ({exc}); send it as -F file=@photo.jpg"
-                    ) from None
-                async for part in reader:
-                    if isinstance(part, BodyPartReader) and part.name in ("file", "image"):
-                        data = await read_stream(partial(part.read_chunk, 65536), limit, deadline=deadline)
-                        return data, f"upload:{part.filename or 'file'}"
-            raise BadInput("The multipart form has no 'file' field; send the image as -F file=@photo.jpg")
+                return await _read_form(request, limit, deadline)
         if ctype.startswith("image/") or ctype == "application/octet-stream":
-            return await read_stream(lambda: request.content.read(65536), limit, deadline=deadline), "upload"
+            return Upload(await read_stream(lambda: request.content.read(65536), limit, deadline=deadline), "upload")
     except (HttpProcessingError, RequestPayloadError, ValueError, AssertionError) as exc:
         # A body that does not match its own framing: a bad boundary, a gzip header over
         # bytes that are not gzip, a chunk size that is not hex.
@@ -84,9 +88,55 @@ async def _read_upload(request: web.Request, limit: int, deadline: float) -> tup
     )
 
 
-async def _read_input(
-    request: web.Request, ctx: HttpContext, url_key: str, file_key: str, deadline: float
-) -> tuple[bytes, str]:
+async def _read_form(request: web.Request, limit: int, deadline: float) -> Upload:
+    """The form's image (field `file`, or `image`) and its option fields, to the end of the body:
+    an option may come after the file (curl sends fields in the order given)."""
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError, KeyError) as exc:
+        raise BadInput(f"The multipart body cannot be read ({exc}); send it as -F file=@photo.jpg") from None
+    upload: Upload | None = None
+    options: dict[str, str] = {}
+    async for part in reader:
+        if not isinstance(part, BodyPartReader):
+            continue  # a nested multipart: nothing of ours in it
+        if part.name in ("file", "image") and upload is None:
+            data = await read_stream(partial(part.read_chunk, 65536), limit, deadline=deadline)
+            upload = Upload(data, f"upload:{part.filename or 'file'}")
+        elif part.name in FORM_OPTIONS:
+            if part.name in options:
+                raise BadInput(f"The form gives {part.name} twice; give it once")
+            options[part.name] = await _form_text(part, deadline)
+    if upload is None:
+        raise BadInput("The multipart form has no 'file' field; send the image as -F file=@photo.jpg")
+    upload.options = options
+    return upload
+
+
+async def _form_text(part: BodyPartReader, deadline: float) -> str:
+    name = part.name
+    try:
+        raw = await read_stream(partial(part.read_chunk, FORM_OPTION_BYTES), FORM_OPTION_BYTES, deadline=deadline)
+    except TooLarge:
+        raise BadInput(f"The form field {name} is over {FORM_OPTION_BYTES} bytes") from None
+    try:
+        return raw.decode(part.get_charset("utf-8"))
+    except (UnicodeDecodeError, LookupError):
+        raise BadInput(f"The form field {name} is not UTF-8 text") from None
+
+
+def with_form_options(query: Mapping[str, str], options: Mapping[str, str]) -> Mapping[str, str]:
+    """The query's options with the form's added; one given in both with two values is refused
+    (which was meant?)."""
+    merged = dict(query)
+    for name, value in options.items():
+        if name in query and query[name] != value:
+            raise BadInput(f"{name} is given in the query ({query[name]!r}) and in the form ({value!r}); give it once")
+        merged[name] = value
+    return merged
+
+
+async def _read_input(request: web.Request, ctx: HttpContext, url_key: str, file_key: str, deadline: float) -> Upload:
     if request.method == "POST" and request.body_exists:
         return await _read_upload(request, ctx.settings.max_file_size, deadline)
     url = request.query.get(url_key) or None
@@ -96,11 +146,11 @@ async def _read_input(
             raise BadInput(f"Give either {url_key} or {file_key}, not both")
         raise BadInput(NO_INPUT)
     if url is not None:
-        return await ctx.fetcher.fetch(url), public_url(url)
+        return Upload(await ctx.fetcher.fetch(url), public_url(url))
     assert path is not None
     loop = asyncio.get_running_loop()
     found = await loop.run_in_executor(None, read_path, path, ctx.file_roots, ctx.settings.max_file_size)
-    return found.data, found.real_path
+    return Upload(found.data, found.real_path)
 
 
 async def model_ready(ctx: HttpContext) -> None:
@@ -122,13 +172,19 @@ async def _analyze(request: web.Request, url_key: str, file_key: str) -> web.Res
     ctx = request.app[CONTEXT]
     started = time.perf_counter()
     try:
-        settings = generation_from_query(request.query, ctx.settings.generation())
-        store = _flag(request.query, "store", True)
-        refresh = _flag(request.query, "refresh", False)
+        query: Mapping[str, str] = request.query
+        # Checked before the body is read, and again with the form's options once it is.
+        generation_from_query(query, ctx.settings.generation())
+        _flag(query, "store", True)
+        _flag(query, "refresh", False)
         await model_ready(ctx)
         deadline = asyncio.get_running_loop().time() + ctx.settings.request_timeout
-        data, ref = await _read_input(request, ctx, url_key, file_key, deadline)
-        caption_request = CaptionRequest(Source.HTTP, ref, data, settings, store=store, refresh=refresh)
+        upload = await _read_input(request, ctx, url_key, file_key, deadline)
+        query = with_form_options(query, upload.options)
+        settings = generation_from_query(query, ctx.settings.generation())
+        store = _flag(query, "store", True)
+        refresh = _flag(query, "refresh", False)
+        caption_request = CaptionRequest(Source.HTTP, upload.ref, upload.data, settings, store=store, refresh=refresh)
         submit = ctx.gateway.submit if ctx.gateway is not None else ctx.pipeline.submit
         result = await asyncio.wrap_future(submit(caption_request))
     except TransientError as exc:

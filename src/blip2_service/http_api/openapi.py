@@ -138,9 +138,16 @@ def _analyze_ops(prefix: str) -> dict[str, Any]:
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {"file": {"type": "string", "contentMediaType": "image/*", "minLength": 1}},
+                    "description": (
+                        "The image in `file`; the options may come as fields too, before or after it "
+                        "(an option in both the query and the form must have one value, else 400); "
+                        "other fields are ignored, as the legacy service ignored them"
+                    ),
+                    "properties": {
+                        "file": {"type": "string", "contentMediaType": "image/*", "minLength": 1},
+                        **_OPTIONS,
+                    },
                     "required": ["file"],
-                    "additionalProperties": False,
                 },
                 "encoding": {"file": {"contentType": "image/*"}},
             },
