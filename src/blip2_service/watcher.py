@@ -226,6 +226,9 @@ class FolderWatcher:
         self._next_guard = 0.0
         self._stop = threading.Event()
         self.catch_up_done = threading.Event()
+        # Set once every folder has its observer: until then /health says `starting`, not a
+        # `running` watcher with no folders (the runtime lists the watcher before starting it).
+        self._started = threading.Event()
         self._worker = threading.Thread(target=self._run, name="watcher", daemon=True)
         # Sidecars (.xmp, .aae, a Takeout .json per photo) can outnumber the photos: one line per
         # kind of name, and the paths counted once each within a bounded memory.
@@ -268,6 +271,7 @@ class FolderWatcher:
             self._identity[folder] = _identity(folder)
             self._observers[folder] = self._observe(folder)
         self._worker.start()
+        self._started.set()
         threading.Thread(target=self._catch_up, name="watcher-catch-up", daemon=True).start()
 
     def _guard_folders(self) -> None:
@@ -336,13 +340,20 @@ class FolderWatcher:
         while self._inflight and time.monotonic() < deadline:
             time.sleep(0.05)
 
+    def _state(self) -> str:
+        if self._stop.is_set():
+            return "stopped"
+        if not self._started.is_set():
+            return "starting"
+        if "missing" in self.stats.observers.values() or self._publish_failing:
+            return "degraded"
+        return "running"
+
     def health(self) -> dict[str, Any]:
         """`degraded` while a watched folder is gone or (publish mode) publishing fails: files
         are then not getting through, though the process runs."""
-        missing = "missing" in self.stats.observers.values()
-        degraded = missing or self._publish_failing
         return {
-            "state": "stopped" if self._stop.is_set() else "degraded" if degraded else "running",
+            "state": self._state(),
             "mode": self.mode,
             "folders": self.stats.observers,
             "pending": len(self.tracker),

@@ -309,3 +309,20 @@ def test_a_watched_folder_deleted_and_made_again_is_reported_then_watched_again_
     assert watcher.health()["state"] == "running"
     refs = sorted(Path(item["source_ref"]).name for item in sqlite_store.query(CaptionFilter())[0])
     assert refs == ["after.jpg", "before.jpg", "early.jpg"]
+
+
+def test_health_says_starting_until_every_folder_is_watched(
+    tmp_path: Path, make_pipeline: Any, sqlite_store: CaptionRepository
+) -> None:
+    """The runtime lists a watcher before it starts it: /health said `running`, with no folder
+    watched yet (a test saw it under load)."""
+    inbox = tmp_path / "inbox"
+    watcher = FolderWatcher([inbox], pipeline=make_pipeline(sqlite_store), store=sqlite_store, generation=FAST)
+    assert watcher.health()["state"] == "starting" and watcher.health()["folders"] == {}
+    watcher.start()
+    try:
+        health = watcher.health()
+        assert health["state"] == "running" and health["folders"] == {str(inbox.resolve()): "inotify"}
+    finally:
+        watcher.stop()
+    assert watcher.health()["state"] == "stopped"
