@@ -23,8 +23,12 @@ run: install
 	mkdir -p inbox data
 	WATCH_DIRS="$${WATCH_DIRS-./inbox}" $(VENV)/bin/blip2-service serve
 
+# Two parts: the tests that leave the broker alone on two pytest-xdist workers (most of a test's
+# time is a process importing torch or waiting on one), then the broker's tests one at a time,
+# since some restart it. Exit status 5 (nothing selected, say by a -k in PYTEST_ARGS) is no failure.
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 -m "not broker" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -m broker $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # The image and the compose stack on a real Docker engine (installs docker.io, starts dockerd,
 # debootstraps a base image when missing): tools/docker/test_docker.sh says what it checks.

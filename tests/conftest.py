@@ -10,7 +10,7 @@ import io
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,35 @@ from blip2_service.store import CaptionRepository, make_engine, upgrade
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Captured output as text a worker can send: a test that names a non-UTF-8 file logs its name
+    with lone surrogates, which pytest-xdist cannot pass from its worker (an INTERNALERROR that
+    ended the run)."""
+    report: pytest.TestReport = yield
+    report.sections = [
+        (title, text.encode("utf-8", "backslashreplace").decode("utf-8")) for title, text in report.sections
+    ]
+    return report
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `broker` every test of a module that talks to the real broker (its text names
+    AMQP_URL; some import it inside a fixture). `make test` runs the others on two pytest-xdist
+    workers and these after them, one at a time: three restart the broker and one changes its
+    max_message_size, which a broker test beside them would take for a failure. (xdist's own
+    grouping, --dist loadgroup, sets a node id pytest 9.2 no longer reads: it grouped nothing.)"""
+    names: dict[Path, bool] = {}
+    for item in items:
+        path = item.path
+        if path not in names:
+            names[path] = "AMQP_URL" in path.read_text(encoding="utf-8")
+        if names[path]:
+            item.add_marker(pytest.mark.broker)
 
 
 def service_missing(what: str, detail: str) -> None:
