@@ -168,22 +168,24 @@ async def model_ready(ctx: HttpContext) -> None:
     ctx.pipeline.ensure_ready()
 
 
+def _options(query: Mapping[str, str], ctx: HttpContext) -> tuple[GenerationSettings, bool, bool]:
+    """The generation settings, `store` and `refresh` an analyze request asks for."""
+    return (
+        generation_from_query(query, ctx.settings.generation()),
+        _flag(query, "store", True),
+        _flag(query, "refresh", False),
+    )
+
+
 async def _analyze(request: web.Request, url_key: str, file_key: str) -> web.Response:
     ctx = request.app[CONTEXT]
     started = time.perf_counter()
     try:
-        query: Mapping[str, str] = request.query
-        # Checked before the body is read, and again with the form's options once it is.
-        generation_from_query(query, ctx.settings.generation())
-        _flag(query, "store", True)
-        _flag(query, "refresh", False)
+        _options(request.query, ctx)  # a bad query is refused before the body is read
         await model_ready(ctx)
         deadline = asyncio.get_running_loop().time() + ctx.settings.request_timeout
         upload = await _read_input(request, ctx, url_key, file_key, deadline)
-        query = with_form_options(query, upload.options)
-        settings = generation_from_query(query, ctx.settings.generation())
-        store = _flag(query, "store", True)
-        refresh = _flag(query, "refresh", False)
+        settings, store, refresh = _options(with_form_options(request.query, upload.options), ctx)
         caption_request = CaptionRequest(Source.HTTP, upload.ref, upload.data, settings, store=store, refresh=refresh)
         submit = ctx.gateway.submit if ctx.gateway is not None else ctx.pipeline.submit
         result = await asyncio.wrap_future(submit(caption_request))
