@@ -159,10 +159,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     rgb_pixels = image.mode in ("RGB", "RGBA", "RGBa", "P")
     rgb = _flat_rgb(image)
     keep = profile if rgb_pixels and profile and _srgb_transform(profile, "RGB") else None
-    if rgb is image:  # the decoded image itself: only its profile is wanted downstream
-        image.info.clear()
-    else:
-        rgb.info.clear()
+    rgb.info.clear()  # only the profile is wanted downstream
     if keep:
         rgb.info["icc_profile"] = keep
     return rgb

@@ -102,14 +102,13 @@ async def _read_form(request: web.Request, limit: int, deadline: float) -> Uploa
             continue  # a nested multipart: nothing of ours in it
         if part.name in ("file", "image") and upload is None:
             data = await read_stream(partial(part.read_chunk, 65536), limit, deadline=deadline)
-            upload = Upload(data, f"upload:{part.filename or 'file'}")
+            upload = Upload(data, f"upload:{part.filename or 'file'}", options)
         elif part.name in FORM_OPTIONS:
             if part.name in options:
                 raise BadInput(f"The form gives {part.name} twice; give it once")
             options[part.name] = await _form_text(part, deadline)
     if upload is None:
         raise BadInput("The multipart form has no 'file' field; send the image as -F file=@photo.jpg")
-    upload.options = options
     return upload
 
 
@@ -181,11 +180,12 @@ async def _analyze(request: web.Request, url_key: str, file_key: str) -> web.Res
     ctx = request.app[CONTEXT]
     started = time.perf_counter()
     try:
-        _options(request.query, ctx)  # a bad query is refused before the body is read
+        settings, store, refresh = _options(request.query, ctx)  # a bad query: refused before the body
         await model_ready(ctx)
         deadline = asyncio.get_running_loop().time() + ctx.settings.request_timeout
         upload = await _read_input(request, ctx, url_key, file_key, deadline)
-        settings, store, refresh = _options(with_form_options(request.query, upload.options), ctx)
+        if upload.options:
+            settings, store, refresh = _options(with_form_options(request.query, upload.options), ctx)
         caption_request = CaptionRequest(Source.HTTP, upload.ref, upload.data, settings, store=store, refresh=refresh)
         submit = ctx.gateway.submit if ctx.gateway is not None else ctx.pipeline.submit
         result = await asyncio.wrap_future(submit(caption_request))
